@@ -1,0 +1,67 @@
+# Every target a user needs; each depends on the virtual environment, so a fresh clone needs no manual step.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+DATA_DIR ?= ../shared/data
+PROFILE ?= default
+MODEL   ?=
+VERSION ?= 1.0
+WEIGHTS ?=
+ARCH    ?=
+
+.PHONY: help install train train-cifar10 train-mnist evaluate export archive serve stop status test test-unit \
+        test-integration clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv from requirements.txt (exact pins)
+
+# Data comes from DATA_DIR when it holds the npz files, otherwise torchvision downloads it into data/.
+data_args = $(if $(wildcard $(DATA_DIR)/$(1)_train.npz),--data-source npz --data-path $(DATA_DIR)/$(1)_train.npz,--data-source torchvision --data-path data)
+
+train: train-cifar10 train-mnist  ## retrain both shipped networks (writes models/weights/)
+
+train-cifar10: install  ## retrain the cifar10 LeNet (about 5 minutes on 2 cores)
+	$(PY) -m training.train --arch lenet $(call data_args,cifar10) --out models/weights/cifar10_lenet.pt
+
+train-mnist: install  ## retrain the MNIST ConvNet (about 4 minutes on 2 cores)
+	$(PY) -m training.train --arch convnet $(call data_args,mnist) --out models/weights/mnist_convnet.pt
+
+evaluate: install  ## per-class accuracy, confusion matrix and plots for the shipped weights
+	$(PY) -m training.evaluate --weights models/weights/cifar10_lenet.pt $(call data_args,cifar10)
+	$(PY) -m training.evaluate --weights models/weights/mnist_convnet.pt $(call data_args,mnist)
+
+export: install  ## TorchScript and ONNX exports of the shipped weights into exports/, checked against eager
+	$(PY) -m training.export --weights models/weights/cifar10_lenet.pt models/weights/mnist_convnet.pt
+
+archive: install  ## build model_store/*.mar (or one: MODEL=cifar10 VERSION=2.0 WEIGHTS=... [ARCH=...])
+	$(PY) -m serving.archive $(if $(MODEL),--model $(MODEL) --version $(VERSION)) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(ARCH),--arch $(ARCH))
+
+serve: install  ## start TorchServe in the background and wait for READY workers (PROFILE=prod for tokens)
+	$(PY) -m serving.server start --profile $(PROFILE)
+
+stop: install  ## stop TorchServe and wait until java has exited
+	$(PY) -m serving.server stop
+
+status: install  ## models, versions and workers of the running server
+	$(PY) -m serving.server status
+
+test: install  ## the whole suite: unit, training and integration tests against a real TorchServe
+	$(PY) -m pytest
+
+test-unit: install  ## everything that needs no server
+	$(PY) -m pytest -m "not integration"
+
+clean:  ## remove built archives, logs and checkpoints (keeps .venv and the shipped weights)
+	rm -rf model_store/*.mar model_store/*.sha256 logs checkpoints exports build

@@ -1,0 +1,1 @@
+"""Network definitions, the dataset specs that training and serving share, and the shipped weights."""

@@ -1,0 +1,1 @@
+"""Building model archives and running TorchServe: what `make archive`, `make serve` and `make stop` call."""

@@ -1,0 +1,101 @@
+"""Build `.mar` archives with torch-model-archiver.
+
+    python -m serving.archive                                   # every shipped version into model_store/
+    python -m serving.archive --model cifar10 --version 2.0 --arch lenet --weights path/to/weights.pt
+
+An archive holds the model file, the weights, the handler, the model-config YAML and, as extra files, the
+`handlers/` and `models/specs.py` modules the handler imports (kept as packages, so the same import lines work
+in the repository and in the worker) plus `index_to_name.json`. Each archive gets a `.sha256` file beside it,
+which `make serve` checks before it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from models import zoo
+from models.specs import SPECS
+from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
+
+STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
+                  "handlers/payload.py", "models/__init__.py", "models/specs.py"]
+CONFIG_DIR = ROOT / "model-config"
+
+
+def stage_extra_files(model: str, dest: Path) -> Path:
+    """The folder passed as --extra-files: its contents land at the archive's root."""
+    for relative in STAGED_MODULES:
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / relative, target)
+    labels = {str(i): name for i, name in enumerate(SPECS[model].classes)}
+    (dest / "index_to_name.json").write_text(json.dumps(labels, indent=1) + "\n")
+    return dest
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(version: ModelVersion, export_path: Path, config_file: Path | None = None) -> Path:
+    """Write `<export_path>/<archive_name>` and its `.sha256`; rebuilding replaces both."""
+    arch = zoo.get(version.arch)
+    if arch.dataset != version.model:
+        raise ValueError(f"--arch {version.arch} is a {arch.dataset} network, not a {version.model} one")
+    if not version.weights.is_file():
+        raise FileNotFoundError(f"weights not found: {version.weights}")
+    export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
+        extra = stage_extra_files(version.model, Path(tmp) / "extra")
+        out_dir = Path(tmp) / "out"
+        out_dir.mkdir()
+        subprocess.run(
+            [sys.executable, "-m", "model_archiver.model_packaging",
+             "--model-name", version.model, "--version", version.version,
+             "--model-file", str(arch.source_file), "--serialized-file", str(version.weights),
+             "--handler", str(HANDLERS[version.model]), "--extra-files", str(extra),
+             "--config-file", str(config_file or CONFIG_DIR / f"{version.model}.yaml"),
+             "--export-path", str(out_dir), "--force"],
+            check=True)
+        target = export_path / version.archive_name
+        shutil.move(out_dir / f"{version.model}.mar", target)
+    target.with_name(target.name + ".sha256").write_text(f"{sha256_of(target)}  {target.name}\n")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(HANDLERS), help="build one archive instead of every shipped one")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--arch", help="network name (models/zoo.py); defaults to the shipped version's")
+    p.add_argument("--weights", type=Path, help="state_dict file; defaults to the shipped version's")
+    p.add_argument("--config-file", type=Path, help="model-config YAML; defaults to model-config/<model>.yaml")
+    p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
+    args = p.parse_args(argv)
+
+    if args.model:
+        shipped = {(v.model, v.version): v for v in SHIPPED}.get((args.model, args.version))
+        default_arch = shipped.arch if shipped else next(v.arch for v in SHIPPED if v.model == args.model)
+        weights = args.weights or (shipped.weights if shipped else None)
+        if weights is None:
+            p.error(f"{args.model} {args.version} is not shipped: pass --weights")
+        versions = [ModelVersion(args.model, args.version, args.arch or default_arch, weights.resolve())]
+    else:
+        versions = SHIPPED
+    for version in versions:
+        start = time.perf_counter()
+        target = build(version, args.export_path, args.config_file)
+        print(f"{target.relative_to(Path.cwd()) if target.is_relative_to(Path.cwd()) else target}: "
+              f"{version.model} {version.version} ({version.arch}), {target.stat().st_size / 1024:.0f} KiB, "
+              f"{time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Training, resume, evaluation and export end to end on tiny data the tests write (no network)."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import zoo
+from models.specs import CIFAR10, MNIST, SPECS
+from serving.catalog import SHIPPED
+from training import data, evaluate, export, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_npz(path: Path, dataset: str, n: int = 240, seed: int = 0) -> Path:
+    spec = SPECS[dataset]
+    rng = np.random.default_rng(seed)
+    shape = (n, 28, 28) if dataset == "mnist" else (n, 32, 32, 3)
+    np.savez_compressed(path, images=rng.integers(0, 256, shape, dtype=np.uint8),
+                        labels=rng.integers(0, spec.num_classes, n).astype(np.int64))
+    return path
+
+
+def write_mnist_idx(root: Path, n: int = 240, seed: int = 0) -> Path:
+    """MNIST in torchvision's on-disk layout (MNIST/raw/*-ubyte), which it reads without checksums."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, count in (("train", n), ("t10k", 20)):
+        pixels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([0x803, count, 28, 28], dtype=">i4").tobytes() + pixels.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([0x801, count], dtype=">i4").tobytes() + labels.tobytes())
+    return root
+
+
+def run(tmp_path: Path, *extra: str, arch: str = "lenet", source: str = "npz", data_path: Path | None = None,
+        out: str = "w.pt", epochs: int = 2) -> dict:
+    data_path = data_path or write_npz(tmp_path / f"{arch}.npz", zoo.get(arch).dataset)
+    return train.main(["--arch", arch, "--data-source", source, "--data-path", str(data_path),
+                       "--out", str(tmp_path / out), "--checkpoint-dir", str(tmp_path / "ck"),
+                       "--epochs", str(epochs), "--val-size", "40", "--batch-size", "32", "--threads", "1", *extra])
+
+
+def test_train_lenet_from_npz_writes_weights_and_card(tmp_path):
+    card = run(tmp_path)
+    weights = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert set(weights) == set(zoo.get("lenet").build().state_dict())
+    on_disk = json.loads((tmp_path / "w.json").read_text())
+    assert on_disk == card
+    assert card["architecture"]["name"] == "lenet" and card["data"]["train_images"] == 200
+    assert card["validation_split"]["size"] == 40 and len(card["history"]) == 2
+    assert set(card["validation"]["per_class"]) == set(CIFAR10.classes)
+    assert card["weights"]["sha256"] == data.sha256_of(tmp_path / "w.pt")
+    assert card["data"]["sha256"] == data.sha256_of(tmp_path / "lenet.npz")
+    assert card["training"]["images_per_second"] > 0 and card["environment"]["torch"] == torch.__version__
+
+
+def test_train_mnist_convnet_through_torchvision_idx_files(tmp_path):
+    root = write_mnist_idx(tmp_path / "tv")
+    card = run(tmp_path, arch="convnet", source="torchvision", data_path=root, epochs=1)
+    assert card["data"]["source"] == "torchvision" and card["data"]["train_images"] == 200
+    images, labels = data.load("mnist", "torchvision", root)
+    assert images.shape == (240, 1, 28, 28) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+
+
+def test_npz_and_torchvision_sources_load_the_same_pixels(tmp_path):
+    root = write_mnist_idx(tmp_path / "tv", n=50)
+    tv_images, tv_labels = data.load("mnist", "torchvision", root)
+    raw = root / "MNIST" / "raw"
+    pixels = np.frombuffer((raw / "train-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(-1, 28, 28)
+    labels = np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[8:], np.uint8).astype(np.int64)
+    np.savez_compressed(tmp_path / "m.npz", images=pixels, labels=labels)
+    npz_images, npz_labels = data.load("mnist", "npz", tmp_path / "m.npz")
+    assert torch.equal(tv_images, npz_images) and torch.equal(tv_labels, npz_labels)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    npz = write_npz(tmp_path / "d.npz", "cifar10")
+    run(full, data_path=npz, epochs=3)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    card = run(resumed, "--resume", str(full / "ck" / "cifar10_lenet" / "epoch-001.pt"), data_path=npz, epochs=3)
+    a = torch.load(full / "w.pt", weights_only=True)
+    b = torch.load(resumed / "w.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert card["training"]["resumed"] and len(card["history"]) == 3
+    checkpoint = torch.load(full / "ck" / "cifar10_lenet" / "epoch-003.pt", weights_only=True)
+    assert {"epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
+            "best_accuracy"} <= set(checkpoint)
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    train_a, val_a = data.validation_indices(1000, 100)
+    train_b, val_b = data.validation_indices(1000, 100)
+    assert np.array_equal(val_a, val_b) and not set(train_a) & set(val_a) and len(train_a) + len(val_a) == 1000
+
+
+def test_augment_translates_and_flips_whole_batches():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    out = data.augment(images, pad=2, flip=True, generator=generator)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(data.augment(images, pad=0, flip=False, generator=generator), images)
+
+
+def test_evaluate_prints_per_class_accuracy_and_writes_plots(tmp_path, capsys):
+    npz = write_npz(tmp_path / "d.npz", "cifar10")
+    run(tmp_path, data_path=npz, epochs=1)
+    report = evaluate.main(["--weights", str(tmp_path / "w.pt"), "--data-path", str(npz)])
+    printed = capsys.readouterr().out
+    assert "confusion matrix" in printed and "airplane" in printed
+    assert sum(map(sum, report["confusion_matrix"])) == 40
+    for suffix in ("confusion", "curve"):
+        assert (tmp_path / f"w.{suffix}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: v.model)
+def test_export_torchscript_and_onnx_match_eager(tmp_path, version):
+    script_path, onnx_path = export.export(version.weights, tmp_path)
+    import onnx
+
+    graph_input = onnx.load(str(onnx_path)).graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+    assert torch.jit.load(str(script_path))(torch.zeros(5, *SPECS[version.model].input_shape)).shape == (5, 10)
+
+
+def defined_classes(path: Path) -> list[str]:
+    return [node.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.ClassDef)]
+
+
+@pytest.mark.parametrize("arch", zoo.ARCHITECTURES.values(), ids=lambda a: a.name)
+def test_every_model_file_defines_exactly_one_class(arch):
+    assert defined_classes(arch.source_file) == [arch.class_name]
+
+
+def test_every_handler_file_defines_exactly_one_class():
+    from serving.catalog import HANDLERS
+
+    for path in [*HANDLERS.values(), ROOT / "handlers" / "image_classifier.py"]:
+        assert len(defined_classes(path)) == 1, path
+
+
+def test_training_and_serving_read_the_same_constants():
+    from handlers.cifar10 import Cifar10Classifier
+    from handlers.mnist import MnistClassifier
+
+    assert Cifar10Classifier.spec is CIFAR10 and MnistClassifier.spec is MNIST
+    assert train.SPECS is SPECS
+    for version in SHIPPED:
+        card = json.loads(version.weights.with_suffix(".json").read_text())
+        spec = SPECS[version.model]
+        assert card["input"] == {"shape": list(spec.input_shape), "mean": list(spec.mean), "std": list(spec.std),
+                                 "classes": list(spec.classes)}
+
+
+@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: v.model)
+def test_shipped_weights_load_weights_only_and_reach_the_card_accuracy(version, validation_split):
+    card = json.loads(version.weights.with_suffix(".json").read_text())
+    assert card["weights"]["sha256"] == data.sha256_of(version.weights)
+    model = zoo.get(version.arch).build()
+    model.load_state_dict(torch.load(version.weights, weights_only=True))
+    images, labels = validation_split(version.model)
+    accuracy = (evaluate.predict(model, images, SPECS[version.model]) == labels).float().mean().item()
+    assert accuracy == pytest.approx(card["validation"]["accuracy"], abs=1e-4)

@@ -1,0 +1,90 @@
+"""Training data as uint8 tensors in memory, the fixed validation split, and augmentation on whole batches.
+
+Keeping the images as one uint8 N×C×H×W tensor (150 MB for CIFAR-10) and augmenting batches with tensor
+indexing avoids PIL and per-sample Python work, which on two cores would cost more than the small networks'
+forward passes.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets
+
+from models.specs import SPECS
+
+SOURCES = ("npz", "torchvision")
+TORCHVISION_DATASETS = {"cifar10": datasets.CIFAR10, "mnist": datasets.MNIST}
+
+
+@dataclass(frozen=True)
+class Split:
+    """The training and held-out validation images of one data set, uint8 N×C×H×W."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+
+
+def load(dataset: str, source: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """All training images (uint8 N×C×H×W) and labels (int64) from an npz file or torchvision's loader.
+
+    `source="torchvision"` uses the real `datasets.CIFAR10/MNIST(download=True)`, which downloads into `path`
+    when online and otherwise reads what is already there in torchvision's on-disk layout.
+    """
+    if source == "npz":
+        with np.load(path) as archive:
+            images, labels = archive["images"], archive["labels"]
+    elif source == "torchvision":
+        ds = TORCHVISION_DATASETS[dataset](root=str(path), train=True, download=True)
+        images, labels = np.asarray(ds.data), np.asarray(ds.targets)
+    else:
+        raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    spec = SPECS[dataset]
+    if tuple(tensor.shape[1:]) != spec.input_shape or tensor.dtype != torch.uint8:
+        raise ValueError(f"{path}: expected uint8 images of shape {spec.input_shape}, got {tuple(tensor.shape[1:])}")
+    return tensor.contiguous(), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def validation_indices(n: int, val_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices: the first `val_size` of a seeded permutation are held out, as shared/data/README says."""
+    if not 0 < val_size < n:
+        raise ValueError(f"val_size must be between 1 and {n - 1}, got {val_size}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[val_size:], perm[:val_size]
+
+
+def split(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int = 0) -> Split:
+    train_idx, val_idx = validation_indices(len(labels), val_size, seed)
+    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return Split(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
+
+
+def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (zero fill) and optional horizontal flip, for a whole batch."""
+    n, c, h, w = images.shape
+    if pad:
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+        rows = dy + torch.arange(h).view(1, 1, h, 1)
+        cols = dx + torch.arange(w).view(1, 1, 1, w)
+        images = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(mask.view(n, 1, 1, 1), images.flip(3), images)
+    return images
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
