@@ -1,0 +1,181 @@
+"""The one base handler behind every classifier: decoding, batching, inference and top-k.
+
+Life cycle, as TorchServe drives it: `initialize` once per worker, then `handle` per server-side batch, which
+runs `preprocess` (every request row → images, one uint8 tensor for the whole batch, normalised in one
+operation), `inference` (one forward pass) and `postprocess` (top-k per image, one JSON body per request).
+A row that cannot be served gets its own 4xx through `context.set_response_status`; the rest of the batch
+still answers 200, and no input can raise out of `handle` and cost the batch or the worker.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers import payload
+from handlers.imaging import InputError, Limits, decode_image
+from handlers.payload import Batch
+from models.specs import DatasetSpec
+
+logger = logging.getLogger(__name__)
+
+TOPK_HEADERS = ("x-topk", "topk")
+
+
+class ImageClassifier(BaseHandler):
+    """Subclasses set `spec`; everything else, including limits and top-k, comes from the model-config YAML."""
+
+    spec: ClassVar[DatasetSpec]
+
+    def initialize(self, context: Any) -> None:
+        """Load the model with weights_only=True and settle every per-request constant once."""
+        self.context = context
+        self.manifest = context.manifest
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        config = yaml_config.get("handler") or {}
+
+        # Workers are processes: torch threads beyond cores/workers only oversubscribe the CPU.
+        workers = max(1, int(yaml_config.get("minWorkers", 1)))
+        threads = int(config.get("threads") or max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(threads)
+
+        self.device = torch.device("cpu")
+        self.model = self._load_model(model_dir)
+        self.labels = self._labels(model_dir)
+        self.num_classes = len(self.labels)
+        self.topk = self._clamp_topk(config.get("topk", 5), "the model-config YAML's handler.topk")
+        self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
+        self.label_array = np.array(self.labels, dtype=object)
+        with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
+            self.model(self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)))
+        logger.info("%s ready: %d threads, topk %d, limits %s", self.spec.name, threads, self.topk, self.limits)
+        self.initialized = True
+
+    def _load_model(self, model_dir: Path) -> torch.nn.Module:
+        """The archive's model file defines one nn.Module class; its state_dict loads with weights_only=True."""
+        model_file = self.manifest["model"]["modelFile"]
+        module = importlib.import_module(Path(model_file).stem)
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                   if c.__module__ == module.__name__ and issubclass(c, torch.nn.Module)]
+        if len(classes) != 1:
+            raise RuntimeError(f"{model_file} must define exactly one nn.Module class, found {classes}")
+        model = classes[0]()
+        weights = model_dir / self.manifest["model"]["serializedFile"]
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.eval()
+
+    def _labels(self, model_dir: Path) -> list[str]:
+        """The spec's class names, checked against the archive's index_to_name.json so a stale archive fails."""
+        labels = list(self.spec.classes)
+        mapping_file = model_dir / "index_to_name.json"
+        if mapping_file.exists():
+            mapping = json.loads(mapping_file.read_text())
+            if [mapping[str(i)] for i in range(len(mapping))] != labels:
+                raise RuntimeError(f"{mapping_file} does not match the {self.spec.name} classes {labels}")
+        return labels
+
+    def _clamp_topk(self, value: Any, source: str) -> int:
+        """A positive integer, clamped to the number of classes; anything else is the client's error."""
+        if isinstance(value, str) and re.fullmatch(r"\s*\+?\d+\s*", value):
+            value = int(value)
+        elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{source} must be a positive integer (1 to {self.num_classes}; larger values are "
+                             f"clamped), got {json.dumps(value) if not isinstance(value, str) else repr(value)}",
+                             error_type="InvalidTopK")
+        return min(value, self.num_classes)
+
+    def _request_topk(self, request: payload.Request, idx: int) -> int:
+        if request.topk is not None:
+            return self._clamp_topk(request.topk, "topk")
+        headers = {key.lower(): value for key, value in (self.context.get_all_request_header(idx) or {}).items()
+                   if isinstance(value, str)}
+        for name in TOPK_HEADERS:
+            if name in headers:
+                return self._clamp_topk(headers[name], f"the {name} header")
+        return self.topk
+
+    def _check_shape(self, item: payload.Item) -> None:
+        """The seeds' envelope may declare a shape; it must describe this model's input."""
+        expected = list(self.spec.input_shape)
+        accepted = [expected] + ([expected[1:]] if self.spec.channels == 1 else [])
+        if item.shape is not None and item.shape not in accepted:
+            raise InputError(f"{item.where}.shape is {json.dumps(item.shape)}, but {self.spec.name} expects "
+                             f"{json.dumps(expected)} (channels, height, width); omit shape to let the server "
+                             "resize any image", error_type="ShapeMismatch")
+
+    def _decode_row(self, row: dict, idx: int) -> tuple[list[np.ndarray], str, int]:
+        request = payload.parse(row, self.limits)
+        topk = self._request_topk(request, idx)
+        pixels = []
+        for item in request.items:
+            self._check_shape(item)
+            try:
+                pixels.append(decode_image(item.data, self.spec.image_size, self.spec.channels, self.limits,
+                                           self.spec.light_on_dark))
+            except InputError as exc:
+                raise exc if item.where == "body" else exc.at(item.where)
+        return pixels, request.form, topk
+
+    def preprocess(self, data: list[dict]) -> Batch:
+        """Decode every row; stack all images once and normalise them in one tensor operation."""
+        pixels: list[np.ndarray] = []
+        plans: list[InputError | tuple[int, int, str, int]] = []
+        for idx, row in enumerate(data):
+            try:
+                images, form, topk = self._decode_row(row, idx)
+            except InputError as exc:
+                plans.append(exc)
+                continue
+            plans.append((len(pixels), len(images), form, topk))
+            pixels.extend(images)
+        size, channels = self.spec.image_size, self.spec.channels
+        stacked = np.stack(pixels) if pixels else np.empty((0, size, size, channels), dtype=np.uint8)
+        images = self.spec.normalize(torch.from_numpy(stacked).permute(0, 3, 1, 2))
+        return Batch(images=images, plans=plans)
+
+    def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
+        """One forward pass for every image of every request in the batch.
+
+        Softmax turns LeNet's logits into probabilities, and turns the MNIST ConvNet's log-probabilities into
+        the same probabilities as exp() would (softmax(log p) = p / Σp = p), so one rule serves both.
+        """
+        if len(batch.images):
+            with torch.inference_mode():
+                batch.probabilities = torch.softmax(self.model(batch.images), dim=1)
+        return batch
+
+    def postprocess(self, batch: Batch) -> list[bytes]:
+        """One compact JSON body per request: label → probability, highest first, rounded to 6 places."""
+        results: list[bytes] = []
+        top_values = top_indices = None
+        if batch.probabilities is not None:
+            top_values, top_indices = batch.probabilities.topk(self.num_classes, dim=1)
+            top_values, top_indices = top_values.tolist(), top_indices.tolist()
+        for idx, plan in enumerate(batch.plans):
+            self.context.set_response_content_type(idx, "application/json")
+            if isinstance(plan, InputError):
+                self.context.set_response_status(plan.status, plan.phrase, idx)
+                results.append(json.dumps(plan.body()).encode())
+                continue
+            start, count, form, k = plan
+            answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k])}
+                       for i in range(start, start + count)]
+            body: Any = answers[0] if form == payload.SINGLE else answers
+            if form == payload.KSERVE:
+                body = {"predictions": answers}
+            results.append(json.dumps(body, separators=(",", ":")).encode())
+        return results

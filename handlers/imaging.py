@@ -1,0 +1,145 @@
+"""Turning untrusted request bytes into the uint8 pixels a model expects, or into a precise client error.
+
+Everything here is a function (plus one exception type) so the handler files can each keep exactly one class,
+which TorchServe requires. Any failure caused by the input raises `InputError`, which the handler turns into a
+per-item 4xx response; nothing here may let a bad image kill a worker.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow refuses images above its own bomb limit with an exception type we handle anyway; our limit is lower and
+# checked from the header alone, before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+_DATA_URL = re.compile(rb"^\s*data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/=_\-\s]+$")
+
+
+class InputError(Exception):
+    """A request the client must fix: carries the HTTP status and a message that says what is accepted."""
+
+    PHRASES = {400: "Bad Request", 413: "Payload Too Large"}
+
+    def __init__(self, message: str, status: int = 400, error_type: str = "InvalidInput") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_type = error_type
+
+    @property
+    def phrase(self) -> str:
+        return self.PHRASES[self.status]
+
+    def body(self) -> dict:
+        return {"code": self.status, "type": self.error_type, "message": self.message}
+
+    def at(self, where: str) -> InputError:
+        """The same error, its message prefixed with where in the request it happened (`data[2]`)."""
+        return InputError(f"{where}: {self.message}", self.status, self.error_type)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-image limits; documented in the README and configurable in the archive's model-config YAML."""
+
+    max_bytes: int = 5 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    min_side: int = 8
+    max_images: int = 64
+
+
+def decode_base64(text: str | bytes) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet), with or without a `data:image/...;base64,` prefix."""
+    raw = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
+    raw = _DATA_URL.sub(b"", raw, count=1)
+    compact = re.sub(rb"\s+", b"", raw)
+    if not compact:
+        raise InputError("the base64 string is empty; send a base64-encoded image", error_type="InvalidBase64")
+    try:
+        if b"-" in compact or b"_" in compact:
+            return base64.b64decode(compact.translate(bytes.maketrans(b"-_", b"+/")), validate=True)
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"invalid base64 ({exc}); send the image bytes base64-encoded, optionally as a "
+                         "data:image/...;base64, URL", error_type="InvalidBase64") from None
+
+
+def looks_like_base64(raw: bytes) -> bool:
+    """True for a body that is base64 text rather than image bytes (no image format starts this way)."""
+    head = raw[:256]
+    return bool(_DATA_URL.match(head)) or bool(_BASE64_TEXT.match(head))
+
+
+def _to_gray_or_rgb(image: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode → 'L' or 'RGB'. Transparent pixels become white, 16-bit samples are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        samples = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or samples.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(samples * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
+
+
+def decode_image(data: bytes, size: int, channels: int, limits: Limits, light_on_dark: bool = False) -> np.ndarray:
+    """Image bytes in any format Pillow reads → uint8 array (size, size, channels), as training saw them.
+
+    Non-square images are centre-cropped to a square, then resized (Pillow's bilinear filter, which
+    antialiases when shrinking). For `light_on_dark` data sets (MNIST) an image whose border is mostly light,
+    a dark digit on paper, is inverted to MNIST's light ink on a dark background.
+    """
+    if not data:
+        raise InputError("the image is empty (0 bytes); send PNG, JPEG, BMP, GIF, WebP or TIFF bytes",
+                         error_type="EmptyInput")
+    if len(data) > limits.max_bytes:
+        raise InputError(f"the image is {len(data):,} bytes; the limit is {limits.max_bytes:,} bytes per image",
+                         status=413, error_type="ImageTooLarge")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise InputError(f"the image header says {width}×{height} = {width * height:,} pixels; the limit "
+                                 f"is {limits.max_pixels:,} pixels", status=413, error_type="ImageTooLarge")
+            if min(width, height) < limits.min_side:
+                raise InputError(f"the image is {width}×{height}; the smallest accepted side is "
+                                 f"{limits.min_side} pixels", error_type="ImageTooSmall")
+            if image.format == "JPEG":
+                image.draft("L" if channels == 1 else "RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            image = _to_gray_or_rgb(image, channels)
+            if image.size != (size, size):
+                image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except InputError:
+        raise
+    except Exception as exc:  # Pillow raises many types for corrupt input; all of them are the client's to fix.
+        raise InputError(f"not a decodable image ({type(exc).__name__}: {exc}); send PNG, JPEG, BMP, GIF, "
+                         "WebP or TIFF bytes", error_type="InvalidImage") from None
+    if channels == 1:
+        pixels = pixels[:, :, None]
+        if light_on_dark and _border_is_light(pixels):
+            pixels = 255 - pixels
+    return pixels
+
+
+def _border_is_light(pixels: np.ndarray) -> bool:
+    """The background's brightness, judged from the outermost 2-pixel ring, where a centred digit never is."""
+    ring = np.concatenate([pixels[:2].ravel(), pixels[-2:].ravel(), pixels[:, :2].ravel(), pixels[:, -2:].ravel()])
+    return float(ring.mean()) > 127.5

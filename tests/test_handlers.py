@@ -1,0 +1,220 @@
+"""The real handlers, driven through initialize and handle over real unpacked archives, with no server."""
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.specs import CIFAR10, MNIST
+from serving.catalog import SHIPPED
+from tests import images
+
+PNG = images.encode(images.noise(32, 32))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def assert_topk(body: dict, k: int, labels: tuple[str, ...]) -> None:
+    assert isinstance(body, dict) and len(body) == k
+    assert set(body) <= set(labels)
+    values = list(body.values())
+    assert values == sorted(values, reverse=True)
+    assert all(0 <= v <= 1 and round(v, 6) == v for v in values)
+
+
+@pytest.mark.parametrize("fmt, params", [("PNG", {}), ("JPEG", {"quality": 90}), ("BMP", {}), ("GIF", {}),
+                                         ("WEBP", {}), ("TIFF", {})])
+def test_raw_bytes_in_every_format(harness, fmt, params):
+    status, body = harness("cifar10").one({"body": images.encode(images.noise(40, 30), fmt, **params)})
+    assert status == 200
+    assert_topk(body, 5, CIFAR10.classes)
+
+
+def test_multipart_upload_under_any_field_name(harness):
+    h = harness("cifar10")
+    assert h.one({"data": PNG}) == h.one({"file": PNG}) == h.one({"body": PNG})
+    status, body = h.one({"first": PNG, "second": images.encode(images.noise(32, 32, seed=1))})
+    assert status == 200 and isinstance(body, list) and len(body) == 2
+
+
+def test_base64_text_body_with_and_without_data_url(harness):
+    h = harness("cifar10")
+    expected = h.one({"body": PNG})
+    assert h.one({"body": b64(PNG)}) == expected
+    assert h.one({"body": "data:image/png;base64," + b64(PNG)}) == expected
+    assert h.one({"body": b64(PNG).encode()}) == expected  # base64 posted without a text content type
+    assert h.one({"body": base64.urlsafe_b64encode(PNG).decode()}) == expected
+
+
+def test_json_single_and_client_batch(harness):
+    h = harness("cifar10")
+    single = h.one({"body": PNG})
+    assert h.one({"body": {"data": b64(PNG)}}) == single
+    status, body = h.one({"body": {"data": [b64(PNG), b64(images.encode(images.noise(32, 32, seed=3)))]}})
+    assert status == 200 and len(body) == 2 and body[0] == single[1]
+    # JSON that arrived as bytes (posted without a content type) is parsed the same way.
+    assert h.one({"body": json.dumps({"data": b64(PNG)}).encode()}) == single
+
+
+def test_seed_envelope_with_shape(harness):
+    h = harness("cifar10")
+    entry = {"content_type": "image/png", "data": b64(PNG), "shape": [3, 32, 32]}
+    status, body = h.one({"body": {"data": [entry]}})
+    assert status == 200 and body == [h.one({"body": PNG})[1]]
+    status, body = h.one({"body": {"data": [dict(entry, shape=[1, 28, 28])]}})
+    assert status == 400 and body["type"] == "ShapeMismatch"
+    assert "[3, 32, 32]" in body["message"] and "data[0].shape" in body["message"]
+    status, body = harness("mnist").one({"body": {"data": [dict(entry, shape=[28, 28])]}})
+    assert status == 200
+
+
+def test_kserve_v1_instances(harness):
+    h = harness("cifar10")
+    status, body = h.one({"body": {"instances": [{"b64": b64(PNG)}, {"image_bytes": {"b64": b64(PNG)}}]}})
+    assert status == 200 and list(body) == ["predictions"] and len(body["predictions"]) == 2
+    assert body["predictions"][0] == h.one({"body": PNG})[1]
+
+
+def test_mixed_batch_answers_each_request_on_its_own(harness):
+    h = harness("cifar10")
+    rows = [{"body": PNG}, {"body": b""}, {"body": {"data": b64(PNG)}}, {"body": b"\x00garbage\xff" * 10},
+            {"body": images.png_claiming(50_000, 50_000)}, {"body": {"data": "not base64!"}},
+            {"body": {"data": [b64(PNG), "@@"]}}, {"body": {"data": [{"data": b64(PNG), "shape": [9]}]}}]
+    results = h.run(rows)
+    assert [status for status, _ in results] == [200, 400, 200, 400, 413, 400, 400, 400]
+    assert results[0][1] == results[2][1]
+    for status, body in results[1:2] + results[3:]:
+        assert body["code"] == status and body["type"] and body["message"]
+    assert "empty" in results[1][1]["message"]
+    assert "not a decodable image" in results[3][1]["message"]
+    assert "50000×50000" in results[4][1]["message"] and results[4][1]["type"] == "ImageTooLarge"
+    assert "base64" in results[5][1]["message"]
+    assert results[6][1]["message"].startswith("data[1]")
+    assert h.one({"body": PNG}) == results[0]  # the same handler keeps serving
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"body": b"<svg xmlns='http://www.w3.org/2000/svg'/>"}, "not a decodable image"),
+    ({"body": {"image": b64(PNG)}}, 'no "data" or "instances"'),
+    ({"body": [1, 2]}, "body[0] must be a base64 string"),
+    ({"body": {"data": []}}, "empty list"),
+    ({"body": {"data": {"content_type": "text/plain", "data": b64(PNG)}}}, "must be an image type"),
+    ({"body": b"{not json"}, "does not parse"),
+    ({"body": ("[" * 100_000).encode()}, "does not parse"),
+    ({"body": images.encode(images.noise(1, 1))}, "smallest accepted side"),
+    ({"body": images.encode(images.noise(32, 32))[:60]}, "not a decodable image"),
+])
+def test_bad_input_is_a_400_that_names_the_problem(harness, row, message):
+    status, body = harness("cifar10").one(row)
+    assert status == 400 and message in body["message"], body
+
+
+def test_limits_answer_413(harness):
+    h = harness("cifar10", handler={"max_bytes": 1000, "max_images": 2})
+    status, body = h.one({"body": images.encode(images.noise(64, 64))})
+    assert status == 413 and "limit is 1,000 bytes" in body["message"]
+    status, body = h.one({"body": {"data": [b64(PNG)] * 3}})
+    assert status == 413 and body["type"] == "TooManyImages"
+
+
+def test_topk_from_yaml_request_and_headers(harness):
+    cifar, mnist = harness("cifar10"), harness("mnist")
+    assert len(cifar.one({"body": PNG})[1]) == 5  # model-config/cifar10.yaml
+    assert len(mnist.one({"body": images.encode(images.digit())})[1]) == 3  # model-config/mnist.yaml
+    assert len(harness("cifar10", handler={"topk": 2}).one({"body": PNG})[1]) == 2
+    assert len(cifar.one({"body": {"data": b64(PNG), "topk": 1}})[1]) == 1
+    assert len(cifar.one({"body": PNG, "topk": b"3"})[1]) == 3  # a query parameter or multipart field
+    assert len(cifar.one({"body": PNG}, {"X-TopK": "4"})[1]) == 4
+    assert len(cifar.one({"body": {"data": b64(PNG), "topk": 1000}})[1]) == 10  # clamped
+
+
+@pytest.mark.parametrize("bad", [0, -1, "abc", float("nan"), 2.5, True, None, [3], "-2"])
+def test_bad_topk_is_a_400(harness, bad):
+    row = {"body": {"data": b64(PNG), "topk": bad}} if bad is not None else {"body": PNG, "topk": b""}
+    status, body = harness("cifar10").one(row)
+    assert status == 400 and body["type"] == "InvalidTopK" and "positive integer" in body["message"]
+
+
+def test_bad_topk_header_is_a_400(harness):
+    status, body = harness("cifar10").one({"body": PNG}, {"X-TopK": "many"})
+    assert status == 400 and "x-topk header must be a positive integer" in body["message"]
+
+
+@pytest.mark.parametrize("image", [
+    images.noise(32, 32, "RGBA"), images.noise(32, 32).convert("P"), images.noise(32, 32, "L"),
+    Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)), images.noise(32, 32).convert("CMYK"),
+    images.noise(1600, 900),
+], ids=["rgba", "palette", "gray", "gray16", "cmyk", "large-photo"])
+def test_image_modes_become_model_input(harness, image):
+    fmt = "JPEG" if image.mode == "CMYK" else "PNG"
+    for model in ("cifar10", "mnist"):
+        status, body = harness(model).one({"body": images.encode(image, fmt)})
+        assert status == 200, body
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(harness):
+    h = harness("mnist")
+    eight = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    sixteen = Image.fromarray(eight.astype(np.uint16) * 257)
+    batch_8 = h.preprocess([{"body": images.encode(eight)}])
+    batch_16 = h.preprocess([{"body": images.encode(sixteen)}])
+    assert torch.equal(batch_8.images, batch_16.images)
+
+
+def test_mnist_inverts_dark_digits_on_light_background(harness):
+    h = harness("mnist")
+    light_on_dark = h.preprocess([{"body": images.encode(images.digit())}]).images
+    dark_on_light = h.preprocess([{"body": images.encode(images.digit(dark_on_light=True))}]).images
+    assert torch.equal(light_on_dark, dark_on_light)
+    photo = images.encode(Image.fromarray(images.digit(280, dark_on_light=True)).convert("RGB"), "JPEG")
+    status, body = h.one({"body": photo})
+    assert status == 200
+    assert next(iter(body)) == next(iter(h.one({"body": images.encode(images.digit())})[1]))
+
+
+def test_handler_tensor_equals_training_tensor_and_probabilities_equal_softmax(harness):
+    for model, spec in (("cifar10", CIFAR10), ("mnist", MNIST)):
+        h = harness(model)
+        rng = np.random.default_rng(1)
+        # MNIST-like darkness for mnist: a light border would (rightly) be inverted by the handler.
+        top = 120 if spec.light_on_dark else 256
+        pixels = rng.integers(0, top, (6, spec.image_size, spec.image_size, spec.channels), dtype=np.uint8)
+        rows = [{"body": images.encode(p.squeeze(-1) if spec.channels == 1 else p)} for p in pixels]
+        batch = h.preprocess(rows)
+        training_tensor = spec.normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        assert torch.equal(batch.images, training_tensor)
+        with torch.inference_mode():
+            expected = torch.softmax(h.handler.model(training_tensor), dim=1)
+        torch.testing.assert_close(h.handler.inference(batch).probabilities, expected, atol=1e-6, rtol=0)
+        for (status, body), probs in zip(h.run(rows, [{"X-TopK": "10"}] * len(rows)), expected):
+            assert status == 200
+            served = torch.tensor([body[label] for label in spec.classes])
+            torch.testing.assert_close(served, probs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["cifar10", "mnist"])
+def test_shipped_weights_classify_real_images_through_the_handler(harness, validation_split, model):
+    """PNG-encoded validation images through handle() reach the model card's accuracy."""
+    from training.evaluate import predict
+
+    spec = CIFAR10 if model == "cifar10" else MNIST
+    val_images, val_labels = validation_split(model)
+    val_images, val_labels = val_images[:1000], val_labels[:1000]
+    h = harness(model)
+    predictions = []
+    for start in range(0, len(val_images), 8):  # server-side batches of 8, as model-config sets
+        chunk = val_images[start:start + 8].permute(0, 2, 3, 1).numpy()
+        rows = [{"body": images.encode(p.squeeze(-1) if spec.channels == 1 else p)} for p in chunk]
+        predictions += [spec.classes.index(next(iter(body))) for _, body in h.run(rows)]
+    predictions = torch.tensor(predictions)
+    assert torch.equal(predictions, predict(h.handler.model, val_images, spec))
+    shipped = next(v for v in SHIPPED if v.model == model)
+    card = json.loads(shipped.weights.with_suffix(".json").read_text())
+    accuracy = (predictions == val_labels).float().mean().item()
+    assert abs(accuracy - card["validation"]["accuracy"]) < 0.04, (accuracy, card["validation"]["accuracy"])
