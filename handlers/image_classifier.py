@@ -55,6 +55,7 @@ class ImageClassifier(BaseHandler):
         self.model = self._load_model(model_dir)
         self.labels = self._labels(model_dir)
         self.num_classes = len(self.labels)
+        self.version = str(self.manifest["model"].get("modelVersion", ""))
         self.topk = self._clamp_topk(config.get("topk", 5), "the model-config YAML's handler.topk")
         self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
         self.label_array = np.array(self.labels, dtype=object)
@@ -165,11 +166,16 @@ class ImageClassifier(BaseHandler):
         if batch.probabilities is not None:
             top_values, top_indices = batch.probabilities.topk(self.num_classes, dim=1)
             top_values, top_indices = top_values.tolist(), top_indices.tolist()
+        batch_size = str(len(batch.plans))
         for idx, plan in enumerate(batch.plans):
+            # Which version answered, and how many requests shared its server-side batch: what a rollout or a
+            # batching configuration is judged by, at the cost of two short headers.
             self.context.set_response_content_type(idx, "application/json")
+            self.context.set_response_header(idx, "X-Model-Version", self.version)
+            self.context.set_response_header(idx, "X-Batch-Size", batch_size)
             if isinstance(plan, InputError):
                 self.context.set_response_status(plan.status, plan.phrase, idx)
-                results.append(json.dumps(plan.body()).encode())
+                results.append(json.dumps(plan.body(), separators=(",", ":")).encode())
                 continue
             start, count, form, k = plan
             answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k])}

@@ -16,7 +16,7 @@ import torch
 from handlers.imaging import InputError, Limits, decode_base64, looks_like_base64
 
 SINGLE, LIST, KSERVE = "single", "list", "kserve"
-PARAMETERS = ("topk",)
+PARAMETERS = ("topk",)  # multipart fields that are options, not images
 EXPECTED = ('send image bytes (curl -T img.png), a multipart file, base64 text, or JSON: {"data": "<base64>"}, '
             '{"data": ["<base64>", ...]}, {"data": [{"content_type": "image/png", "data": "<base64>", '
             '"shape": [C, H, W]}]} or {"instances": [{"b64": "<base64>"}]}')

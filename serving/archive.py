@@ -57,7 +57,7 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
         out_dir = Path(tmp) / "out"
         out_dir.mkdir()
         subprocess.run(
-            [sys.executable, "-m", "model_archiver.model_packaging",
+            [str(Path(sys.executable).with_name("torch-model-archiver")),
              "--model-name", version.model, "--version", version.version,
              "--model-file", str(arch.source_file), "--serialized-file", str(version.weights),
              "--handler", str(HANDLERS[version.model]), "--extra-files", str(extra),

@@ -1,0 +1,90 @@
+"""Command line for the served classifiers.
+
+    python -m client predict cat.png dog.jpg --model cifar10 [--version 2.0] [--topk 3]
+    python -m client versions cifar10
+    python -m client register cifar10-2.0.mar [--workers 2]
+    python -m client promote cifar10 2.0
+    python -m client rollback cifar10
+    python -m client scale cifar10 --workers 3 [--version 2.0]
+    python -m client unregister cifar10 1.0
+
+With token authorization on (the prod profile), pass --key-file logs/key_file.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from client.api import ServerError, TorchServeClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inference-url", default="http://127.0.0.1:8080")
+    p.add_argument("--management-url", default="http://127.0.0.1:8081")
+    p.add_argument("--key-file", type=Path, help="TorchServe's key_file.json, when token authorization is on")
+    sub = p.add_subparsers(dest="command", required=True)
+    predict = sub.add_parser("predict", help="top-k labels for each image")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--model", default="cifar10")
+    predict.add_argument("--version")
+    predict.add_argument("--topk", type=int)
+    sub.add_parser("versions", help="registered versions and their workers").add_argument("model")
+    register = sub.add_parser("register", help="register an archive that is in the model store")
+    register.add_argument("archive")
+    register.add_argument("--workers", type=int, default=1)
+    promote = sub.add_parser("promote", help="make a version the default")
+    promote.add_argument("model")
+    promote.add_argument("version")
+    sub.add_parser("rollback", help="make the previous version the default again").add_argument("model")
+    scale = sub.add_parser("scale", help="set the number of workers")
+    scale.add_argument("model")
+    scale.add_argument("--workers", type=int, required=True)
+    scale.add_argument("--version")
+    unregister = sub.add_parser("unregister", help="retire a version")
+    unregister.add_argument("model")
+    unregister.add_argument("version")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    urls = {"inference_url": args.inference_url, "management_url": args.management_url}
+    client = TorchServeClient.from_key_file(args.key_file, **urls) if args.key_file else TorchServeClient(**urls)
+    if args.command == "predict":
+        for path in args.images:
+            answer = client.predict(path, args.model, args.version, args.topk)
+            print(f"{path}: " + ", ".join(f"{label} {p:.4f}" for label, p in answer.items()))
+    elif args.command == "versions":
+        for d in client.versions(args.model):
+            workers = ", ".join(f"{w['pid']}:{w['status']}" for w in d.get("workers", [])) or "no workers"
+            print(f"{args.model} {d['modelVersion']}{' (default)' if d['default'] else ''}: "
+                  f"{d['modelUrl']}, batch {d['batchSize']}/{d['maxBatchDelay']} ms, {workers}")
+    elif args.command == "register":
+        print(client.register(args.archive, args.workers))
+    elif args.command == "promote":
+        print(client.promote(args.model, args.version))
+    elif args.command == "rollback":
+        print(f"{args.model}: default is now {client.rollback(args.model)}")
+    elif args.command == "scale":
+        print(client.scale(args.model, args.workers, args.version))
+    elif args.command == "unregister":
+        print(client.unregister(args.model, args.version))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

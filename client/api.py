@@ -1,0 +1,116 @@
+"""TorchServeClient: the inference and management calls this project's README walks through, over `requests`."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import requests
+
+
+class ServerError(RuntimeError):
+    """A non-2xx answer, with TorchServe's (or the handler's) JSON message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in version.split("."))
+
+
+class TorchServeClient:
+    def __init__(self, inference_url: str = "http://127.0.0.1:8080", management_url: str = "http://127.0.0.1:8081",
+                 inference_token: str | None = None, management_token: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.inference_url = inference_url.rstrip("/")
+        self.management_url = management_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self._auth = {"inference": inference_token, "management": management_token}
+
+    @classmethod
+    def from_key_file(cls, key_file: Path, **kwargs: Any) -> TorchServeClient:
+        """Use the keys TorchServe wrote when token authorization is on (key_file.json)."""
+        keys = json.loads(Path(key_file).read_text())
+        return cls(inference_token=keys["inference"]["key"], management_token=keys["management"]["key"], **kwargs)
+
+    def _call(self, api: str, method: str, path: str, **kwargs: Any) -> Any:
+        base = self.inference_url if api == "inference" else self.management_url
+        headers = kwargs.pop("headers", {})
+        if self._auth[api]:
+            headers["Authorization"] = f"Bearer {self._auth[api]}"
+        response = self.session.request(method, base + path, headers=headers, timeout=self.timeout, **kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        if not response.ok:
+            message = body.get("message", body) if isinstance(body, dict) else body
+            raise ServerError(response.status_code, str(message))
+        return body
+
+    # --- inference ------------------------------------------------------------------------------------------
+    def _predict_path(self, model: str, version: str | None) -> str:
+        return f"/predictions/{model}" + (f"/{version}" if version else "")
+
+    def predict(self, image: bytes | str | Path, model: str = "cifar10", version: str | None = None,
+                topk: int | None = None) -> dict[str, float]:
+        """Top-k labels → probabilities for one image (raw bytes in the body)."""
+        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+        headers = {"Content-Type": "application/octet-stream"}
+        if topk is not None:
+            headers["X-TopK"] = str(topk)
+        return self._call("inference", "POST", self._predict_path(model, version), data=data, headers=headers)
+
+    def predict_many(self, images: list[bytes | str | Path], model: str = "cifar10", version: str | None = None,
+                     topk: int | None = None) -> list[dict[str, float]]:
+        """Several images in one request (a client-side batch as JSON base64); one answer per image."""
+        encoded = [base64.b64encode(Path(i).read_bytes() if isinstance(i, (str, Path)) else i).decode()
+                   for i in images]
+        body: dict[str, Any] = {"data": encoded}
+        if topk is not None:
+            body["topk"] = topk
+        return self._call("inference", "POST", self._predict_path(model, version), json=body)
+
+    # --- management -----------------------------------------------------------------------------------------
+    def versions(self, model: str) -> list[dict]:
+        """Every registered version of `model` with its workers, sorted by version; `default` marks the one
+        /predictions/<model> answers with."""
+        default = self.default_version(model)
+        described = self._call("management", "GET", f"/models/{model}/all")
+        return sorted(({**d, "default": d["modelVersion"] == default} for d in described),
+                      key=lambda d: _version_key(d["modelVersion"]))
+
+    def default_version(self, model: str) -> str:
+        """Describing a model without a version describes its default version."""
+        return self._call("management", "GET", f"/models/{model}")[0]["modelVersion"]
+
+    def register(self, archive: str, workers: int = 1, **config: Any) -> str:
+        """Register an archive from the model store (file name, e.g. cifar10-2.0.mar) and start its workers."""
+        params = {"url": archive, "initial_workers": workers, "synchronous": "true", **config}
+        return self._call("management", "POST", "/models", params=params)["status"]
+
+    def promote(self, model: str, version: str) -> str:
+        """Make `version` the one /predictions/<model> answers with."""
+        return self._call("management", "PUT", f"/models/{model}/{version}/set-default")["status"]
+
+    def rollback(self, model: str) -> str:
+        """Make the newest version older than the current default the default again; returns that version."""
+        current = _version_key(self.default_version(model))
+        older = [d["modelVersion"] for d in self.versions(model) if _version_key(d["modelVersion"]) < current]
+        if not older:
+            raise ServerError(409, f"{model} has no version older than its default to roll back to")
+        self.promote(model, older[-1])
+        return older[-1]
+
+    def scale(self, model: str, workers: int, version: str | None = None) -> str:
+        path = f"/models/{model}" + (f"/{version}" if version else "")
+        params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+        return self._call("management", "PUT", path, params=params)["status"]
+
+    def unregister(self, model: str, version: str) -> str:
+        return self._call("management", "DELETE", f"/models/{model}/{version}")["status"]

@@ -1,0 +1,194 @@
+"""Against a real TorchServe: every input format, per-item errors under concurrency, batching, versions,
+scaling, metrics, the production profile and the client CLI."""
+from __future__ import annotations
+
+import base64
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from serving.catalog import ROOT
+from tests.integration.conftest import describe
+
+CAT = (ROOT / "examples" / "cat.png").read_bytes()
+HORSE = (ROOT / "examples" / "horse.png").read_bytes()
+DIGIT = (ROOT / "examples" / "digit7.png").read_bytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def same(a, b) -> bool:
+    """Equal answers: the same labels in the same order, probabilities equal up to batch-size rounding.
+
+    A forward pass over 1 image and over 8 uses different kernels, so the 6th decimal may differ.
+    """
+    if isinstance(a, list) or isinstance(b, list):
+        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, dict) and "predictions" in a:
+        return isinstance(b, dict) and same(a["predictions"], b.get("predictions"))
+    return list(a) == list(b) and all(abs(a[k] - b[k]) <= 2e-6 for k in a)
+
+
+def test_every_input_format_over_http(predict_url):
+    url = predict_url()
+    expected = requests.put(url, data=CAT, timeout=30).json()  # curl -T cat.png
+    assert next(iter(expected)) == "cat" and len(expected) == 5
+    horse = requests.post(url, data=HORSE, timeout=30).json()
+    assert next(iter(horse)) == "horse"
+    answers = {
+        "image content type": requests.post(url, data=CAT, headers={"Content-Type": "image/png"}, timeout=30),
+        "no content type": requests.post(url, data=CAT, timeout=30),
+        "multipart data": requests.post(url, files={"data": ("cat.png", CAT, "image/png")}, timeout=30),
+        "multipart other field": requests.post(url, files={"upload": ("c.png", CAT, "image/png")}, timeout=30),
+        "base64 text": requests.post(url, data=b64(CAT), headers={"Content-Type": "text/plain"}, timeout=30),
+        "data URL": requests.post(url, data="data:image/png;base64," + b64(CAT),
+                                  headers={"Content-Type": "text/plain"}, timeout=30),
+        "json": requests.post(url, json={"data": b64(CAT)}, timeout=30),
+    }
+    for name, response in answers.items():
+        assert response.status_code == 200, (name, response.text)
+        assert same(response.json(), expected), name
+    batch = requests.post(url, json={"data": [b64(CAT), b64(HORSE)]}, timeout=30)
+    assert same(batch.json(), [expected, horse])
+    envelope = {"data": [{"content_type": "image/png", "data": b64(CAT), "shape": [3, 32, 32]}]}
+    assert same(requests.post(url, json=envelope, timeout=30).json(), [expected])
+    kserve = requests.post(url, json={"instances": [{"b64": b64(CAT)}, {"b64": b64(HORSE)}]}, timeout=30)
+    assert same(kserve.json(), {"predictions": [expected, horse]})
+    mnist = requests.put(predict_url("mnist"), data=DIGIT, timeout=30).json()
+    assert next(iter(mnist)) == "7" and len(mnist) == 3
+
+
+def test_topk_per_request(predict_url):
+    url = predict_url()
+    assert len(requests.post(url, json={"data": b64(CAT), "topk": 2}, timeout=30).json()) == 2
+    assert len(requests.put(url, data=CAT, headers={"X-TopK": "1"}, timeout=30).json()) == 1
+    assert len(requests.post(url, files={"data": CAT, "topk": (None, "3")}, timeout=30).json()) == 3
+    bad = requests.put(url, data=CAT, headers={"X-TopK": "0"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["type"] == "InvalidTopK"
+
+
+BAD_REQUESTS = [
+    (dict(data=b""), 400),
+    (dict(data=b"\x89PNG\r\n\x1a\n garbage"), 400),
+    (dict(json={"data": "!!!"}), 400),
+    (dict(json={"data": [{"data": b64(CAT), "shape": [1, 28, 28]}]}), 400),
+    (dict(json={"nothing": 1}), 400),
+]
+
+
+def test_per_item_errors_inside_batches_under_concurrency(served, predict_url):
+    url = predict_url()
+    expected = requests.put(url, data=CAT, timeout=30).json()
+    pids_before = {w["pid"] for w in describe(served, "cifar10")[0]["workers"]}
+    jobs = [(dict(data=CAT), 200)] * 48 + BAD_REQUESTS * 8
+    jobs = [jobs[(i * 37) % len(jobs)] for i in range(len(jobs))]  # interleave good and bad
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda job: requests.post(url, timeout=30, **job[0]), jobs))
+    batched = 0
+    for (_, status), response in zip(jobs, responses):
+        assert response.status_code == status, response.text
+        body = response.json()
+        if status == 200:
+            assert same(body, expected)
+        else:
+            assert body["code"] == status and body["message"] and body["type"]
+        batched = max(batched, int(response.headers["X-Batch-Size"]))
+    assert batched > 1, "no request shared a server-side batch"
+    assert {w["pid"] for w in describe(served, "cifar10")[0]["workers"]} == pids_before
+
+
+def test_server_side_batching_under_concurrent_load(predict_url):
+    """X-Batch-Size is set by the handler from the batch TorchServe handed it."""
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda _: requests.put(predict_url(), data=CAT, timeout=30), range(256)))
+    sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    assert all(r.status_code == 200 for r in responses)
+    assert max(sizes) > 1 and sum(s > 1 for s in sizes) > len(sizes) // 2, sizes
+
+
+def request_counters(served) -> tuple[float, float]:
+    """(Requests2XX, Requests4XX) from one Prometheus scrape."""
+    text = requests.get(f"{served.url('metrics')}/metrics", timeout=10).text
+    return tuple(sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} ([0-9.]+)$", text, re.MULTILINE))
+                 for name in ("Requests2XX", "Requests4XX"))
+
+
+def test_metrics_count_requests(served, predict_url):
+    ok_before, bad_before = request_counters(served)
+    for _ in range(7):
+        assert requests.put(predict_url("mnist"), data=DIGIT, timeout=30).status_code == 200
+    for _ in range(3):
+        assert requests.put(predict_url("mnist"), data=b"nope", timeout=30).status_code == 400
+    ok_after, bad_after = request_counters(served)
+    assert ok_after - ok_before == 7 + 1  # the first scrape was itself a 2XX
+    assert bad_after - bad_before == 3
+
+
+def test_scaling_workers(served, cli):
+    cli("scale", "mnist", "--workers", "2")
+    workers = describe(served, "mnist")[0]["workers"]
+    assert len(workers) == 2 and all(w["status"] == "READY" for w in workers)
+    cli("scale", "mnist", "--workers", "1")
+    deadline = time.monotonic() + 30
+    while len(describe(served, "mnist")[0]["workers"]) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(describe(served, "mnist")[0]["workers"]) == 1
+
+
+def answered_by(predict_url, path: str = "cifar10") -> str:
+    response = requests.put(predict_url(path), data=CAT, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.headers["X-Model-Version"]
+
+
+def test_versioning_story_with_the_cli(served, cli, predict_url):
+    """Register 2.0 beside 1.0, try it, promote it, roll back, retire 2.0: the README's story."""
+    assert "registered" in cli("register", "cifar10-2.0.mar").stdout
+    try:
+        listing = cli("versions", "cifar10").stdout
+        assert "cifar10 1.0 (default)" in listing and "cifar10 2.0:" in listing
+        assert answered_by(predict_url, "cifar10/2.0") == "2.0"
+        assert answered_by(predict_url, "cifar10/1.0") == "1.0"
+        assert answered_by(predict_url) == "1.0"
+        cli("promote", "cifar10", "2.0")
+        assert answered_by(predict_url) == "2.0"
+        assert "default is now 1.0" in cli("rollback", "cifar10").stdout
+        assert answered_by(predict_url) == "1.0"
+        failed = cli("unregister", "cifar10", "1.0", check=False)  # the default version cannot be removed
+        assert failed.returncode == 1 and "HTTP 403: Cannot remove default version" in failed.stderr
+    finally:
+        cli("promote", "cifar10", "1.0", check=False)
+        cli("unregister", "cifar10", "2.0", check=False)
+    assert [d["modelVersion"] for d in describe(served, "cifar10")] == ["1.0"]
+    missing = requests.put(predict_url("cifar10/2.0"), data=CAT, timeout=30)
+    assert missing.status_code == 404
+
+
+def test_cli_predict(cli):
+    out = cli("predict", "examples/cat.png", "examples/horse.png", "--topk", "2").stdout.splitlines()
+    assert out[0].startswith("examples/cat.png: cat ") and out[1].startswith("examples/horse.png: horse ")
+    assert all(line.count(",") == 1 for line in out)
+    digit = cli("predict", "examples/digit7.png", "--model", "mnist").stdout
+    assert digit.startswith("examples/digit7.png: 7 ")
+    missing = cli("predict", "examples/cat.png", "--model", "nope", check=False)
+    assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_production_profile_requires_tokens_and_refuses_the_model_api(served_prod):
+    inference, management = served_prod.url("inference"), served_prod.url("management")
+    url = f"{inference}/predictions/cifar10"
+    assert requests.put(url, data=CAT, timeout=30).status_code in (400, 401)
+    assert requests.get(f"{management}/models", timeout=30).status_code in (400, 401)
+    auth = {"Authorization": f"Bearer {served_prod.token('inference')}"}
+    answer = requests.put(url, data=CAT, headers=auth, timeout=30)
+    assert answer.status_code == 200 and next(iter(answer.json())) == "cat"
+    manage = {"Authorization": f"Bearer {served_prod.token('management')}"}
+    assert requests.get(f"{management}/models", headers=manage, timeout=30).status_code == 200
+    register = requests.post(f"{management}/models", params={"url": "cifar10-2.0.mar"}, headers=manage, timeout=30)
+    assert register.status_code == 405
+    too_big = requests.put(url, data=b"\0" * (2 * 1024 * 1024), headers=auth, timeout=30)
+    assert too_big.status_code == 413

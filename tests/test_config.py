@@ -1,0 +1,45 @@
+"""The configuration files agree with each other and keep their promises (loopback only, auth per profile)."""
+from __future__ import annotations
+
+import json
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from serving.catalog import ROOT, SHIPPED
+from serving.server import PROFILES, read_properties
+
+BATCHING = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_models_batching_matches_the_archive_yaml(profile):
+    """TorchServe lets the archive's YAML win over models=; keeping both equal means neither misleads."""
+    models = json.loads(read_properties(PROFILES[profile])["models"])
+    for model, versions in models.items():
+        config = yaml.safe_load((ROOT / "model-config" / f"{model}.yaml").read_text())
+        for version, settings in versions.items():
+            assert {k: settings[k] for k in BATCHING} == {k: config[k] for k in BATCHING}, (model, version)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_address_is_loopback_and_every_loaded_archive_is_built(profile):
+    properties = read_properties(PROFILES[profile])
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert urlparse(properties[key]).hostname == "127.0.0.1", key
+    assert properties["grpc_inference_address"] == properties["grpc_management_address"] == "127.0.0.1"
+    shipped = {v.archive_name for v in SHIPPED}
+    loaded = set(properties["load_models"].split(","))
+    assert loaded <= shipped
+    declared = {s["marName"] for versions in json.loads(properties["models"]).values() for s in versions.values()}
+    assert declared == loaded
+
+
+def test_profiles_differ_only_where_production_needs_it():
+    default, prod = read_properties(PROFILES["default"]), read_properties(PROFILES["prod"])
+    assert default["disable_token_authorization"] == "true" and default["enable_model_api"] == "true"
+    assert prod["disable_token_authorization"] == "false" and prod["enable_model_api"] == "false"
+    assert int(prod["max_request_size"]) <= 1024 * 1024
+    for key in ("models", "load_models", "inference_address", "management_address", "metrics_mode"):
+        assert default[key] == prod[key], key
