@@ -12,8 +12,8 @@ VERSION ?= 1.0
 WEIGHTS ?=
 ARCH    ?=
 
-.PHONY: help install train train-cifar10 train-mnist evaluate export archive serve stop status test test-unit \
-        test-integration clean
+.PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate export archive serve \
+        stop status test test-unit soak bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -26,23 +26,38 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed  ## create .venv from requirements.txt (exact pins)
 
+$(VENV)/.bench-installed: $(VENV)/.installed benchmarks/requirements.txt
+	$(PY) -m pip install --quiet -r benchmarks/requirements.txt
+	touch $@
+
+# The benchmark's peers (Flask, gunicorn, LitServe) and wrk; wrk comes from Debian's package when missing.
+bench-deps: $(VENV)/.bench-installed
+	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk); } \
+		|| echo "wrk is not installed and could not be installed: the benchmark smoke test will skip"; }
+
 # Data comes from DATA_DIR when it holds the npz files, otherwise torchvision downloads it into data/.
 data_args = $(if $(wildcard $(DATA_DIR)/$(1)_train.npz),--data-source npz --data-path $(DATA_DIR)/$(1)_train.npz,--data-source torchvision --data-path data)
 
-train: train-cifar10 train-mnist  ## retrain both shipped networks (writes models/weights/)
+train: train-cifar10 train-mnist  ## retrain the 1.0 networks (writes models/weights/); 2.0: make train-cifar10-v2
 
 train-cifar10: install  ## retrain the cifar10 LeNet (about 5 minutes on 2 cores)
 	$(PY) -m training.train --arch lenet $(call data_args,cifar10) --out models/weights/cifar10_lenet.pt
 
-train-mnist: install  ## retrain the MNIST ConvNet (about 4 minutes on 2 cores)
+train-cifar10-v2: install  ## train cifar10 2.0, the airbench network (about 50 minutes on 2 cores)
+	$(PY) -m training.train --arch airbench $(call data_args,cifar10) --out models/weights/cifar10_airbench.pt
+
+train-mnist: install  ## retrain the MNIST ConvNet (about 6 minutes on 2 cores)
 	$(PY) -m training.train --arch convnet $(call data_args,mnist) --out models/weights/mnist_convnet.pt
 
 evaluate: install  ## per-class accuracy, confusion matrix and plots for the shipped weights
 	$(PY) -m training.evaluate --weights models/weights/cifar10_lenet.pt $(call data_args,cifar10)
+	$(PY) -m training.evaluate --weights models/weights/cifar10_airbench.pt $(call data_args,cifar10)
 	$(PY) -m training.evaluate --weights models/weights/mnist_convnet.pt $(call data_args,mnist)
 
 export: install  ## TorchScript and ONNX exports of the shipped weights into exports/, checked against eager
-	$(PY) -m training.export --weights models/weights/cifar10_lenet.pt models/weights/mnist_convnet.pt
+	$(PY) -m training.export --weights models/weights/cifar10_lenet.pt models/weights/cifar10_airbench.pt \
+		models/weights/mnist_convnet.pt
 
 archive: install  ## build model_store/*.mar (or one: MODEL=cifar10 VERSION=2.0 WEIGHTS=... [ARCH=...])
 	$(PY) -m serving.archive $(if $(MODEL),--model $(MODEL) --version $(VERSION)) \
@@ -57,11 +72,17 @@ stop: install  ## stop TorchServe and wait until java has exited
 status: install  ## models, versions and workers of the running server
 	$(PY) -m serving.server status
 
-test: install  ## the whole suite: unit, training and integration tests against a real TorchServe
+test: install bench-deps  ## the whole suite: unit, training and integration tests against a real TorchServe
 	$(PY) -m pytest
 
 test-unit: install  ## everything that needs no server
 	$(PY) -m pytest -m "not integration"
+
+soak: install  ## 3 minutes at 32 connections of good and bad requests against the running server
+	$(PY) -m benchmarks.soak --duration 180 --connections 32
+
+bench: install bench-deps  ## TorchServe vs its in-process ceiling and Flask, gunicorn, LitServe (writes benchmarks/results/)
+	$(PY) -m benchmarks.run
 
 clean:  ## remove built archives, logs and checkpoints (keeps .venv and the shipped weights)
 	rm -rf model_store/*.mar model_store/*.sha256 logs checkpoints exports build

@@ -25,6 +25,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers import payload
 from handlers.imaging import InputError, Limits, decode_image
 from handlers.payload import Batch
+from models.inference import TTA_LEVELS, tta_logits
 from models.specs import DatasetSpec
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class ImageClassifier(BaseHandler):
 
         self.device = torch.device("cpu")
         self.model = self._load_model(model_dir)
+        if config.get("fold_batchnorm", True) and hasattr(self.model, "fold_batchnorm"):
+            self.model.fold_batchnorm()  # exact in eval mode, and fewer passes over memory per image
+        self.tta = int(config.get("tta", 0))
+        if self.tta not in TTA_LEVELS:
+            raise ValueError(f"handler.tta must be one of {TTA_LEVELS}, got {self.tta}")
         self.labels = self._labels(model_dir)
         self.num_classes = len(self.labels)
         self.version = str(self.manifest["model"].get("modelVersion", ""))
@@ -61,7 +67,8 @@ class ImageClassifier(BaseHandler):
         self.label_array = np.array(self.labels, dtype=object)
         with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
             self.model(self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)))
-        logger.info("%s ready: %d threads, topk %d, limits %s", self.spec.name, threads, self.topk, self.limits)
+        logger.info("%s %s ready: %d threads, topk %d, tta %d, limits %s", self.spec.name, self.version, threads,
+                    self.topk, self.tta, self.limits)
         self.initialized = True
 
     def _load_model(self, model_dir: Path) -> torch.nn.Module:
@@ -156,7 +163,7 @@ class ImageClassifier(BaseHandler):
         """
         if len(batch.images):
             with torch.inference_mode():
-                batch.probabilities = torch.softmax(self.model(batch.images), dim=1)
+                batch.probabilities = torch.softmax(tta_logits(self.model, batch.images, self.tta), dim=1)
         return batch
 
     def postprocess(self, batch: Batch) -> list[bytes]:

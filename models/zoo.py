@@ -37,6 +37,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     for arch in (
         Architecture("lenet", "cifar10", "models.lenet", "LeNet"),
         Architecture("convnet", "mnist", "models.mnist_convnet", "ConvNet"),
+        Architecture("airbench", "cifar10", "models.airbench", "Airbench"),
     )
 }
 

@@ -25,8 +25,7 @@ from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
-                  "handlers/payload.py", "models/__init__.py", "models/specs.py"]
-CONFIG_DIR = ROOT / "model-config"
+                  "handlers/payload.py", "models/__init__.py", "models/specs.py", "models/inference.py"]
 
 
 def stage_extra_files(model: str, dest: Path) -> Path:
@@ -61,7 +60,7 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
              "--model-name", version.model, "--version", version.version,
              "--model-file", str(arch.source_file), "--serialized-file", str(version.weights),
              "--handler", str(HANDLERS[version.model]), "--extra-files", str(extra),
-             "--config-file", str(config_file or CONFIG_DIR / f"{version.model}.yaml"),
+             "--config-file", str(config_file or version.config_file),
              "--export-path", str(out_dir), "--force"],
             check=True)
         target = export_path / version.archive_name
@@ -76,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", default="1.0")
     p.add_argument("--arch", help="network name (models/zoo.py); defaults to the shipped version's")
     p.add_argument("--weights", type=Path, help="state_dict file; defaults to the shipped version's")
-    p.add_argument("--config-file", type=Path, help="model-config YAML; defaults to model-config/<model>.yaml")
+    p.add_argument("--config-file", type=Path,
+                   help="model-config YAML; defaults to model-config/<model>-<version>.yaml if it exists, "
+                        "else model-config/<model>.yaml")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     args = p.parse_args(argv)
 

@@ -8,6 +8,7 @@ model fails to load, in which case it stops everything and says why, with the lo
     python -m serving.server start [--profile prod]
     python -m serving.server stop
     python -m serving.server status
+    python -m serving.server token inference      # print a key when token authorization is on
 """
 from __future__ import annotations
 
@@ -47,6 +48,38 @@ def read_properties(path: Path) -> dict[str, str]:
             key, value = line.split("=", 1)
             properties[key.strip()] = value.strip()
     return properties
+
+
+PORT_KEYS = ("inference_address", "management_address", "metrics_address", "grpc_inference_port",
+             "grpc_management_port")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def config_on_free_ports(source: Path, dest: Path, store: Path) -> Path:
+    """A copy of a config file with every port moved to a free one and the model store replaced, so a test or a
+    benchmark server runs beside `make serve` without touching it."""
+    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+    lines = []
+    for line in source.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ports:
+            port = ports[key]
+            line = f"{key}=http://127.0.0.1:{port}" if key.endswith("_address") else f"{key}={port}"
+        elif key == "model_store":
+            line = f"model_store={store}"
+        lines.append(line)
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -282,7 +315,9 @@ def print_status(server: TorchServe) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["start", "stop", "status"])
+    p.add_argument("command", choices=["start", "stop", "status", "token"])
+    p.add_argument("api", nargs="?", choices=["inference", "management", "API"], default="inference",
+                   help="which key `token` prints")
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--timeout", type=float, default=180.0)
     args = p.parse_args(argv)
@@ -293,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         print_status(local(running_profile()))
+        return 0
+    if args.command == "token":
+        server = local(running_profile())
+        if server.token(args.api) is None:
+            print("token authorization is off, or TorchServe is not running with the prod profile", file=sys.stderr)
+            return 1
+        print(json.loads(server.key_file.read_text())[args.api]["key"])
         return 0
     server = local(args.profile)
     already = server.pid() is not None
@@ -315,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  logs        {server.log_dir}/")
     auth = ""
     if server.token("inference"):
-        auth = " -H \"Authorization: Bearer $(jq -r .inference.key logs/key_file.json)\""
+        auth = ' -H "Authorization: Bearer $(.venv/bin/python -m serving.server token inference)"'
         print(f"  token auth  on: keys in {server.key_file}")
     print(f"try:  curl{auth} -T examples/cat.png {inference}/predictions/cifar10")
     return 0

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from serving.catalog import ROOT, SHIPPED
+from serving.catalog import SHIPPED, config_file
 from serving.server import PROFILES, read_properties
 
 BATCHING = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
@@ -18,8 +18,8 @@ def test_models_batching_matches_the_archive_yaml(profile):
     """TorchServe lets the archive's YAML win over models=; keeping both equal means neither misleads."""
     models = json.loads(read_properties(PROFILES[profile])["models"])
     for model, versions in models.items():
-        config = yaml.safe_load((ROOT / "model-config" / f"{model}.yaml").read_text())
         for version, settings in versions.items():
+            config = yaml.safe_load(config_file(model, version).read_text())
             assert {k: settings[k] for k in BATCHING} == {k: config[k] for k in BATCHING}, (model, version)
 
 

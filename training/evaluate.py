@@ -16,15 +16,18 @@ import torch
 from torch import nn
 
 from models import zoo
+from models.inference import tta_logits
 from models.specs import SPECS, DatasetSpec
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, batch_size: int = 1000) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, batch_size: int = 1000,
+            tta: int = 0) -> torch.Tensor:
     """Top-1 class indices for uint8 images, in eval mode; restores the model's previous mode."""
     was_training = model.training
     model.eval()
-    predictions = torch.cat([model(spec.normalize(chunk)).argmax(1) for chunk in images.split(batch_size)])
+    predictions = torch.cat([tta_logits(model, spec.normalize(chunk), tta).argmax(1)
+                             for chunk in images.split(batch_size)])
     model.train(was_training)
     return predictions
 

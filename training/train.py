@@ -57,7 +57,7 @@ RECIPES: dict[str, Recipe] = {
     "convnet": Recipe(epochs=16, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
                       label_smoothing=0.0, translate=2, flip=False, channels_last=False),
     # airbench's recipe (lr and weight decay converted from its summed loss to a mean loss).
-    "airbench": Recipe(epochs=15, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.33e-3,
+    "airbench": Recipe(epochs=10, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.33e-3,
                        label_smoothing=0.2, translate=2, flip=True, channels_last=True, pct_start=0.23,
                        div_factor=5.0, final_div_factor=0.2 / 0.07, anneal="linear", cycle_momentum=False,
                        bias_lr_scale=64.0, lookahead=True, tta=2),
@@ -219,8 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
                     **({"lookahead_state_dict": ema} if ema is not None else {})},
                    checkpoint_dir / f"epoch-{epoch + 1:03d}.pt")
 
-    if ema is not None:  # end on the averaged weights
-        lookahead_update(model, ema, 0.0)
     model = model.to(memory_format=torch.contiguous_format)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out)

@@ -1,7 +1,6 @@
 """A real TorchServe on free ports with a private TMPDIR, built from real archives, stopped whatever happens."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,8 @@ import pytest
 import requests
 
 from serving import archive
-from serving.catalog import ROOT, SHIPPED, ModelVersion
-from serving.server import TorchServe
-
-PORT_KEYS = ("inference_address", "management_address", "metrics_address", "grpc_inference_port",
-             "grpc_management_port")
+from serving.catalog import ROOT, SHIPPED
+from serving.server import TorchServe, config_on_free_ports
 
 
 def pytest_collection_modifyitems(items):
@@ -23,38 +19,9 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def config_on_free_ports(source: Path, dest: Path, store: Path) -> Path:
-    """The repository's config file with its ports moved to free ones and the model store replaced."""
-    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
-    lines = []
-    for line in source.read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key in ports:
-            port = ports[key]
-            line = f"{key}=http://127.0.0.1:{port}" if key.endswith("_address") else f"{key}={port}"
-        elif key == "model_store":
-            line = f"model_store={store}"
-        lines.append(line)
-    dest.write_text("\n".join(lines) + "\n")
-    return dest
-
-
 def build_store(store: Path) -> Path:
     for version in SHIPPED:
         archive.build(version, store)
-    # A second cifar10 version for the versioning story: registered at run time, not at start-up.
-    archive.build(ModelVersion("cifar10", "2.0", "lenet", SHIPPED[0].weights), store)
     return store
 
 

@@ -7,9 +7,12 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
+import torch
+import yaml
 
-from serving.catalog import ROOT
+from serving.catalog import ROOT, SHIPPED
 from tests.integration.conftest import describe
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
@@ -146,11 +149,10 @@ def answered_by(predict_url, path: str = "cifar10") -> str:
 
 
 def test_versioning_story_with_the_cli(served, cli, predict_url):
-    """Register 2.0 beside 1.0, try it, promote it, roll back, retire 2.0: the README's story."""
-    assert "registered" in cli("register", "cifar10-2.0.mar").stdout
+    """The README's story: 2.0 beside 1.0, try it, promote it, roll back; unregister and register again."""
+    listing = cli("versions", "cifar10").stdout
+    assert "cifar10 1.0 (default)" in listing and "cifar10 2.0:" in listing
     try:
-        listing = cli("versions", "cifar10").stdout
-        assert "cifar10 1.0 (default)" in listing and "cifar10 2.0:" in listing
         assert answered_by(predict_url, "cifar10/2.0") == "2.0"
         assert answered_by(predict_url, "cifar10/1.0") == "1.0"
         assert answered_by(predict_url) == "1.0"
@@ -160,12 +162,38 @@ def test_versioning_story_with_the_cli(served, cli, predict_url):
         assert answered_by(predict_url) == "1.0"
         failed = cli("unregister", "cifar10", "1.0", check=False)  # the default version cannot be removed
         assert failed.returncode == 1 and "HTTP 403: Cannot remove default version" in failed.stderr
+        cli("unregister", "cifar10", "2.0")
+        assert [d["modelVersion"] for d in describe(served, "cifar10")] == ["1.0"]
+        assert requests.put(predict_url("cifar10/2.0"), data=CAT, timeout=30).status_code == 404
+        assert "registered" in cli("register", "cifar10-2.0.mar").stdout
+        assert answered_by(predict_url, "cifar10/2.0") == "2.0"
     finally:
         cli("promote", "cifar10", "1.0", check=False)
-        cli("unregister", "cifar10", "2.0", check=False)
-    assert [d["modelVersion"] for d in describe(served, "cifar10")] == ["1.0"]
-    missing = requests.put(predict_url("cifar10/2.0"), data=CAT, timeout=30)
-    assert missing.status_code == 404
+        if "2.0" not in [d["modelVersion"] for d in describe(served, "cifar10")]:
+            cli("register", "cifar10-2.0.mar", check=False)
+    assert answered_by(predict_url) == "1.0"
+
+
+@pytest.mark.parametrize("version", [v for v in SHIPPED if v.model == "cifar10"], ids=lambda v: v.version)
+def test_served_top1_equals_in_process_top1(served, predict_url, validation_split, version):
+    """200 validation images, PNG-encoded over HTTP, get the top-1 the eager model gives in process."""
+    from models import zoo
+    from models.specs import CIFAR10
+    from tests import images
+    from training.evaluate import predict
+
+    val_images, _ = validation_split("cifar10")
+    val_images = val_images[:200]
+    model = zoo.get(version.arch).build()
+    model.load_state_dict(torch.load(version.weights, weights_only=True))
+    tta = (yaml.safe_load(version.config_file.read_text()).get("handler") or {}).get("tta", 0)
+    expected = [CIFAR10.classes[i] for i in predict(model, val_images, CIFAR10, tta=tta)]
+    pngs = [images.encode(img.permute(1, 2, 0).numpy()) for img in val_images]
+    url = predict_url(f"cifar10/{version.version}")
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda png: requests.put(url, data=png, timeout=60), pngs))
+    served_top1 = [next(iter(r.json())) for r in responses]
+    assert served_top1 == expected
 
 
 def test_cli_predict(cli):

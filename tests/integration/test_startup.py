@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from serving.catalog import ROOT
-from serving.server import StartupError, TorchServe
-from tests.integration.conftest import config_on_free_ports
+from serving.server import StartupError, TorchServe, config_on_free_ports
 
 
 def server_for(tmp_path: Path, store: Path) -> TorchServe:

@@ -1,0 +1,1 @@
+"""Load, soak and speed measurements against a running server (`make soak`, `make bench`)."""

@@ -1,0 +1,1 @@
+"""Peer servers for `make bench`: the same model, weights and preprocessing behind Flask, gunicorn and LitServe."""

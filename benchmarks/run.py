@@ -1,0 +1,292 @@
+"""`make bench`: the served path against its in-process ceiling and three peer servers, in one run.
+
+    python -m benchmarks.run [--duration 10] [--connections 1 8 32 64] [--smoke] [--out benchmarks/results]
+
+1. in-process ceiling: the real handler's full work per image (decode PNG, preprocess, forward, top-k, JSON)
+   called in a loop at batch 1, 8 and 32 with the workers' thread settings;
+2. TorchServe as `make serve` configures it (config.properties on free ports), loaded by wrk posting real
+   32×32 PNGs; and the same archive registered with batchSize 1 (batching off); and cifar10 2.0;
+3. peers with the same model, weights and preprocessing: Flask's threaded server, Flask under gunicorn with one
+   sync worker per core, LitServe with batching;
+4. cold start (start until the first 200), archive build time, worker RSS.
+Writes `<out>/bench-<date>.{md,json,png}` and prints the table. `--smoke` runs every part for about a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+import torch
+
+from serving import archive
+from serving.catalog import ROOT, SHIPPED
+from serving.inprocess import InProcessHandler, unpack
+from serving.server import TorchServe, config_on_free_ports, free_ports
+
+LUA = Path(__file__).with_name("post_png.lua")
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def bench_images(dest: Path, count: int = 64) -> list[Path]:
+    """Real validation images when ../shared/data is present, generated noise otherwise, as 32×32 PNGs."""
+    from PIL import Image
+
+    npz = ROOT.parent / "shared" / "data" / "cifar10_train.npz"
+    if npz.exists():
+        from training import data
+
+        images, labels = data.load("cifar10", "npz", npz)
+        pixels = data.split(images, labels, 5000).val_images[:count].permute(0, 2, 3, 1).numpy()
+    else:
+        pixels = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(dest / f"{i:03d}.png")
+        paths.append(dest / f"{i:03d}.png")
+    (dest / "list.txt").write_text("\n".join(map(str, paths)) + "\n")
+    return paths
+
+
+def ceiling(model_dir: Path, pngs: list[bytes], seconds: float) -> dict[str, float]:
+    """Images/s of the handler's whole per-batch work in this process, one thread (as a worker runs)."""
+    handler = InProcessHandler(model_dir)
+    results = {}
+    for batch in (1, 8, 32):
+        rows = [{"body": pngs[i % len(pngs)]} for i in range(batch)]
+        handler.handle(rows)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            handler.handle(rows)
+            done += batch
+        results[f"batch_{batch}"] = round(done / (time.perf_counter() - start), 1)
+    return results
+
+
+def parse_wrk(text: str) -> dict:
+    def latency(label: str) -> float | None:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+        return round(float(match.group(1)) * UNITS[match.group(2)], 2) if match else None
+
+    requests_done = int(re.search(r"(\d+) requests in", text).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return {"requests": requests_done, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+            "p50_ms": latency("50"), "p99_ms": latency("99"),
+            "errors": (int(non_2xx.group(1)) if non_2xx else 0) +
+                      (sum(map(int, socket_errors.groups())) if socket_errors else 0)}
+
+
+def tree_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def host_busy() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.system + t.nice + t.irq + t.softirq
+
+
+def load(url: str, connections: int, seconds: float, pids: list[int], png_list: Path) -> dict:
+    """wrk at `connections` for `seconds`; adds server and host CPU milliseconds per request."""
+    server_before, host_before = tree_cpu(pids), host_busy()
+    out = subprocess.run(["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "-s", str(LUA), url], capture_output=True, text=True, timeout=seconds + 60,
+                         env=dict(os.environ, BENCH_PNG_LIST=str(png_list)), check=True).stdout
+    result = parse_wrk(out)
+    served = max(result["requests"], 1)
+    result["server_cpu_ms_per_req"] = round((tree_cpu(pids) - server_before) * 1000 / served, 3)
+    result["host_cpu_ms_per_req"] = round((host_busy() - host_before) * 1000 / served, 3)
+    return result
+
+
+def wait_http(url: str, timeout: float = 120.0, png: bytes | None = None) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            response = requests.post(url, data=png, timeout=5) if png else requests.get(url, timeout=5)
+            if response.status_code == 200:
+                return time.monotonic() - start
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
+
+
+def rss_mib(pids: list[int]) -> list[float]:
+    return [round(psutil.Process(p).memory_info().rss / 2**20, 1) for p in pids if psutil.pid_exists(p)]
+
+
+def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: float, png_list: Path,
+                    png: bytes, smoke: bool) -> tuple[dict, dict]:
+    config = config_on_free_ports(ROOT / "config.properties", tmp / "config.properties", store)
+    server = TorchServe(config=config, model_store=store, run_dir=tmp / "ts")
+    started = time.monotonic()
+    server.start(timeout=300)
+    base = f"{server.url('inference')}/predictions"
+    wait_http(f"{base}/cifar10", png=png)
+    facts = {"cold_start_s": round(time.monotonic() - started, 1)}
+    try:
+        pids = [server.pid()]
+        runs = {"torchserve": {c: load(f"{base}/cifar10", c, seconds, pids, png_list) for c in connections}}
+        workers = [int(w["pid"]) for d in server.describe("cifar10") for w in d["workers"]]
+        facts["worker_rss_mib"] = rss_mib(workers)
+        if not smoke:
+            runs["torchserve cifar10 2.0"] = {c: load(f"{base}/cifar10/2.0", c, seconds, pids, png_list)
+                                              for c in connections}
+            registered = requests.post(f"{server.url('management')}/models", timeout=120, params={
+                "url": "cifar10.mar", "model_name": "cifar10_nobatch", "batch_size": 1, "initial_workers": 2,
+                "synchronous": "true"})
+            registered.raise_for_status()
+            runs["torchserve batching off"] = {c: load(f"{base}/cifar10_nobatch", c, seconds, pids, png_list)
+                                               for c in connections}
+    finally:
+        server.stop()
+    return runs, facts
+
+
+PEERS = {
+    "flask threaded": lambda port: [sys.executable, "-m", "benchmarks.peers.flask_app", "--port", str(port)],
+    "gunicorn 2 sync workers": lambda port: [str(Path(sys.executable).with_name("gunicorn")), "-w",
+                                             str(os.cpu_count()), "-b", f"127.0.0.1:{port}", "--log-level",
+                                             "warning", "benchmarks.peers.flask_app:app"],
+    "litserve batched": lambda port: [sys.executable, "-m", "benchmarks.peers.litserve_app", "--port", str(port)],
+}
+
+
+def peer_runs(names: list[str], connections: list[int], seconds: float, png_list: Path, png: bytes) -> dict:
+    runs = {}
+    for name in names:
+        [port] = free_ports(1)
+        proc = subprocess.Popen(PEERS[name](port), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/predictions/cifar10", png=png)
+            runs[name] = {c: load(f"http://127.0.0.1:{port}/predictions/cifar10", c, seconds, [proc.pid], png_list)
+                          for c in connections}
+        finally:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
+    return runs
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Benchmark, {report['date']}", "",
+             f"{report['machine']['cores']} cores, {report['machine']['cpu']}, torch {report['versions']['torch']}, "
+             f"torchserve {report['versions']['torchserve']}; wrk, {report['seconds']} s per point, "
+             "real 32×32 PNGs as raw POST bodies, cifar10 1.0 unless named.", "",
+             "| server | connections | req/s | p50 ms | p99 ms | errors | server CPU ms/req | host CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, points in report["runs"].items():
+        for c, r in points.items():
+            lines.append(f"| {name} | {c} | {r['rps']:.0f} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | "
+                         f"{r['server_cpu_ms_per_req']} | {r['host_cpu_ms_per_req']} |")
+    ceiling_line = ", ".join(f"{k.replace('_', ' ')}: {v:.0f} img/s" for k, v in report["ceiling"].items())
+    lines += ["", f"In-process ceiling (one thread, the handler's whole work per image): {ceiling_line}."]
+    lines += [f"Served/ceiling at {c} connections: {v:.2f} (ceiling = batch-8 img/s × {report['machine']['cores']} cores)"
+              for c, v in report["served_over_ceiling"].items()]
+    facts = report["facts"]
+    lines += [f"Cold start (start → first 200): {facts['cold_start_s']} s; archive build: {facts['archive_build_s']} s; "
+              f"cifar10 worker RSS: {facts.get('worker_rss_mib')} MiB.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, points in report["runs"].items():
+        xs = [int(c) for c in points]
+        ax.plot(xs, [points[c]["rps"] for c in points], marker="o", label=name)
+    ax.set(xscale="log", xlabel="connections", ylabel="requests/s", title=f"cifar10 throughput, {report['date']}")
+    ax.set_xticks(sorted({int(c) for p in report["runs"].values() for c in p}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
+    p.add_argument("--connections", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
+    p.add_argument("--smoke", action="store_true", help="about a second per part: proves the script still runs")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: `make bench` installs it (apt-get install wrk)")
+    if args.smoke:
+        args.duration, args.connections, args.peers = 1.0, [1, 4], ["flask threaded"]
+    seconds = int(max(1, args.duration))
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        paths = bench_images(tmp / "png")
+        pngs = [path.read_bytes() for path in paths]
+        store = tmp / "store"
+        started = time.perf_counter()
+        archive.build(SHIPPED[0], store)
+        archive_seconds = time.perf_counter() - started
+        for version in SHIPPED[1:]:
+            archive.build(version, store)
+        ceiling_rates = ceiling(unpack(store / SHIPPED[0].archive_name, tmp / "unpacked"), pngs,
+                                0.5 if args.smoke else 3.0)
+        runs, facts = torchserve_runs(store, tmp, args.connections, seconds, tmp / "png" / "list.txt", pngs[0],
+                                      args.smoke)
+        runs.update(peer_runs(args.peers, args.connections, seconds, tmp / "png" / "list.txt", pngs[0]))
+    facts["archive_build_s"] = round(archive_seconds, 2)
+    cores = os.cpu_count() or 1
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
+                    "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+        "versions": {"torch": torch.__version__, "torchserve": _version("torchserve"), "python": platform.python_version()},
+        "seconds": seconds, "smoke": args.smoke, "ceiling": ceiling_rates, "facts": facts,
+        "runs": {name: {str(c): r for c, r in points.items()} for name, points in runs.items()},
+        "served_over_ceiling": {str(c): round(r["rps"] / (ceiling_rates["batch_8"] * cores), 3)
+                                for c, r in runs["torchserve"].items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench-{report['date'][:10]}"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(markdown(report))
+    plot(report, Path(f"{stem}.png"))
+    print(markdown(report))
+    print(f"wrote {stem}.md, {stem}.json and {stem}.png")
+    return report
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    main()

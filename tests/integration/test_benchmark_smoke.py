@@ -1,0 +1,25 @@
+"""`make bench` in a seconds-long smoke mode, so the benchmark cannot rot (numbers are not asserted)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from benchmarks import run
+
+
+def test_benchmark_smoke_mode_runs_every_part(tmp_path):
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (make bench-deps installs Debian's package)")
+    report = run.main(["--smoke", "--out", str(tmp_path)])
+    assert set(report["ceiling"]) == {"batch_1", "batch_8", "batch_32"}
+    assert set(report["runs"]) == {"torchserve", "flask threaded"}
+    for points in report["runs"].values():
+        assert set(points) == {"1", "4"}
+        assert all(p["requests"] > 0 and p["errors"] == 0 and p["p99_ms"] for p in points.values())
+    assert report["facts"]["cold_start_s"] > 0 and report["facts"]["worker_rss_mib"]
+    [md] = tmp_path.glob("bench-*.md")
+    assert "| torchserve | 1 |" in md.read_text()
+    assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["smoke"] is True
+    assert next(tmp_path.glob("bench-*.png")).read_bytes()[:4] == b"\x89PNG"
