@@ -148,6 +148,10 @@ class ImageClassifier(BaseHandler):
             except InputError as exc:
                 plans.append(exc)
                 continue
+            except Exception as exc:  # a request shape no rule foresaw: still this request's problem alone
+                logger.exception("request %d could not be read", idx)
+                plans.append(InputError(f"the request could not be read ({type(exc).__name__}); {payload.EXPECTED}"))
+                continue
             plans.append((len(pixels), len(images), form, topk))
             pixels.extend(images)
         size, channels = self.spec.image_size, self.spec.channels

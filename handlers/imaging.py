@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow refuses images above its own bomb limit with an exception type we handle anyway; our limit is lower and
 # checked from the header alone, before any pixel is decoded.
@@ -130,8 +130,10 @@ def decode_image(data: bytes, size: int, channels: int, limits: Limits, light_on
     except InputError:
         raise
     except Exception as exc:  # Pillow raises many types for corrupt input; all of them are the client's to fix.
-        raise InputError(f"not a decodable image ({type(exc).__name__}: {exc}); send PNG, JPEG, BMP, GIF, "
-                         "WebP or TIFF bytes", error_type="InvalidImage") from None
+        reason = ("no image format recognised" if isinstance(exc, UnidentifiedImageError)
+                  else f"{type(exc).__name__}: {exc}")
+        raise InputError(f"not a decodable image ({reason}); send PNG, JPEG, BMP, GIF, WebP or TIFF bytes",
+                         error_type="InvalidImage") from None
     if channels == 1:
         pixels = pixels[:, :, None]
         if light_on_dark and _border_is_light(pixels):

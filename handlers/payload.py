@@ -67,6 +67,8 @@ def parse(row: dict, limits: Limits) -> Request:
 def _parse_value(value: Any, where: str, limits: Limits) -> Request:
     if isinstance(value, (dict, list)):
         return _parse_json(value, limits)
+    if value is None or isinstance(value, (bool, int, float)):  # a JSON scalar body, already decoded by the worker
+        raise InputError(f"JSON body must be an object, got {_kind(value)}; {EXPECTED}", error_type="InvalidJSON")
     raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     head = raw.lstrip()[:1]
     if head in (b"{", b"["):
@@ -76,7 +78,7 @@ def _parse_value(value: Any, where: str, limits: Limits) -> Request:
             raise InputError(f"the body starts like JSON but does not parse ({type(exc).__name__}: "
                              f"{str(exc)[:200]})", error_type="InvalidJSON") from None
         return _parse_json(document, limits)
-    return Request([_raw_item(raw, where)], SINGLE)
+    return Request([_raw_item(value if isinstance(value, str) else raw, where)], SINGLE)  # text is base64
 
 
 def _raw_item(value: Any, where: str) -> Item:

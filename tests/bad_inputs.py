@@ -85,7 +85,7 @@ def corpus() -> list[Case]:
              headers={"Content-Type": "image/svg+xml"}),
         Case("plain text", 400, "base64", body="hello world, this is not an image", headers=CT_TEXT),
         Case("plain text without content type", 400, "not a decodable image", body=b"hello; not an image!"),
-        Case("HTML", 400, "not a decodable image", body=b"<html><body>hi</body></html>",
+        Case("HTML", 400, "invalid base64", body=b"<html><body>hi</body></html>",
              headers={"Content-Type": "text/html"}),
         # decompression bombs and sizes
         Case("PNG header claims 50000x50000", 413, "50000×50000", body=images.png_claiming(50_000, 50_000)),
@@ -94,7 +94,8 @@ def corpus() -> list[Case]:
         Case("1x1 image", 400, "smallest accepted side", body=images.encode(images.noise(1, 1))),
         Case("4x4 image", 400, "smallest accepted side", body=images.encode(images.noise(4, 4))),
         Case("image over max_bytes", 413, "limit is 5,242,880 bytes", body=_big_png(5.6)),
-        Case("body over max_request_size", 413, "", body=b"\x00" * (7 * 1024 * 1024)),
+        # Refused by TorchServe's frontend before any handler runs: status only, its body is not ours.
+        Case("body over max_request_size", 413, body=b"\x00" * (7 * 1024 * 1024)),
         # odd but valid images
         Case("16-bit grayscale PNG", 200, body=_sixteen_bit_png()),
         Case("CMYK JPEG", 200, body=_cmyk_jpeg()),
@@ -103,19 +104,19 @@ def corpus() -> list[Case]:
         Case("RGBA PNG", 200, body=images.encode(images.noise(32, 32, "RGBA"))),
         Case("huge topk is clamped", 200, json_body={"data": b64_png, "topk": 10**9}),
         # base64
-        Case("base64 bad padding", 400, "Incorrect padding", json_body={"data": "abcde"}),
+        Case("base64 bad padding", 400, "Incorrect padding", json_body={"data": "abcdef"}),
         Case("base64 bad characters", 400, "invalid base64", json_body={"data": "@@@@####"}),
         Case("base64 of text", 400, "not a decodable image", json_body={"data": _b64(b"just text")}),
         Case("base64 empty string", 400, "base64 string is empty", json_body={"data": ""}),
         Case("data URL with junk", 400, "invalid base64", body="data:image/png;base64,%%%%", headers=CT_TEXT),
-        Case("base64 text bad padding", 400, "Incorrect padding", body="abcde", headers=CT_TEXT),
+        Case("base64 text bad length", 400, "invalid base64", body="abcde", headers=CT_TEXT),
         # JSON of the wrong type or shape
         Case("JSON data is a number", 400, "must be a base64 string", json_body={"data": 5}),
         Case("JSON data is null", 400, "must be a base64 string", json_body={"data": None}),
         Case("JSON data is a nested list", 400, "data[0] must be a base64 string", json_body={"data": [[b64_png]]}),
         Case("JSON data object without data", 400, "data.data must be a base64 string", json_body={"data": {"x": 1}}),
         Case("JSON array of numbers", 400, "body[0] must be a base64 string", json_body=[1, 2, 3]),
-        Case("JSON string", 400, "JSON body must be an object", json_body="abc"),
+        Case("JSON string (read as base64)", 400, "invalid base64", json_body="abc"),
         Case("JSON number", 400, "JSON body must be an object", json_body=42),
         Case("JSON null", 400, "JSON body must be an object", body=b"null", headers=CT_JSON),
         Case("JSON without data", 400, 'no "data" or "instances"', json_body={"image": b64_png}),

@@ -124,7 +124,7 @@ def test_evaluate_prints_per_class_accuracy_and_writes_plots(tmp_path, capsys):
         assert (tmp_path / f"w.{suffix}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: v.model)
+@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
 def test_export_torchscript_and_onnx_match_eager(tmp_path, version):
     script_path, onnx_path = export.export(version.weights, tmp_path)
     import onnx
@@ -163,7 +163,7 @@ def test_training_and_serving_read_the_same_constants():
                                  "classes": list(spec.classes)}
 
 
-@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: v.model)
+@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
 def test_shipped_weights_load_weights_only_and_reach_the_card_accuracy(version, validation_split):
     card = json.loads(version.weights.with_suffix(".json").read_text())
     assert card["weights"]["sha256"] == data.sha256_of(version.weights)
