@@ -175,16 +175,20 @@ PEERS = {
 }
 
 
-def peer_runs(names: list[str], connections: list[int], seconds: float, png_list: Path, png: bytes) -> dict:
+def peer_runs(names: list[str], connections: list[int], seconds: float, png_list: Path, png: bytes,
+              failures: dict[str, str]) -> dict:
+    """Each peer's points; a peer that does not come up is reported in `failures` instead of ending the run."""
     runs = {}
     for name in names:
         [port] = free_ports(1)
         proc = subprocess.Popen(PEERS[name](port), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
-            wait_http(f"http://127.0.0.1:{port}/predictions/cifar10", png=png)
+            wait_http(f"http://127.0.0.1:{port}/predictions/cifar10", png=png, timeout=60)
             runs[name] = {c: load(f"http://127.0.0.1:{port}/predictions/cifar10", c, seconds, [proc.pid], png_list)
                           for c in connections}
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            failures[name] = str(exc)
         finally:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
@@ -208,7 +212,8 @@ def markdown(report: dict) -> str:
               for c, v in report["served_over_ceiling"].items()]
     facts = report["facts"]
     lines += [f"Cold start (start → first 200): {facts['cold_start_s']} s; archive build: {facts['archive_build_s']} s; "
-              f"cifar10 worker RSS: {facts.get('worker_rss_mib')} MiB.", ""]
+              f"cifar10 worker RSS: {facts.get('worker_rss_mib')} MiB."]
+    lines += [f"**{name} did not run**: {reason}" for name, reason in report["failed"].items()] + [""]
     return "\n".join(lines)
 
 
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 0.5 if args.smoke else 3.0)
         runs, facts = torchserve_runs(store, tmp, args.connections, seconds, tmp / "png" / "list.txt", pngs[0],
                                       args.smoke)
-        runs.update(peer_runs(args.peers, args.connections, seconds, tmp / "png" / "list.txt", pngs[0]))
+        failures: dict[str, str] = {}
+        runs.update(peer_runs(args.peers, args.connections, seconds, tmp / "png" / "list.txt", pngs[0], failures))
     facts["archive_build_s"] = round(archive_seconds, 2)
     cores = os.cpu_count() or 1
     report = {
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
                     "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
         "versions": {"torch": torch.__version__, "torchserve": _version("torchserve"), "python": platform.python_version()},
-        "seconds": seconds, "smoke": args.smoke, "ceiling": ceiling_rates, "facts": facts,
+        "seconds": seconds, "smoke": args.smoke, "ceiling": ceiling_rates, "facts": facts, "failed": failures,
         "runs": {name: {str(c): r for c, r in points.items()} for name, points in runs.items()},
         "served_over_ceiling": {str(c): round(r["rps"] / (ceiling_rates["batch_8"] * cores), 3)
                                 for c, r in runs["torchserve"].items()},

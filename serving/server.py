@@ -31,6 +31,7 @@ import requests
 from serving.archive import sha256_of
 from serving.catalog import ROOT
 
+LOG_CONFIG = ROOT / "serving" / "log4j2.xml"
 PROFILES = {"default": ROOT / "config.properties", "prod": ROOT / "config.prod.properties"}
 FAILURE_MARKS = ("Load model failed", "Failed to load model", "ModelNotFoundException", "Address already in use",
                  "BindException", "Invalid model archive", "ModuleNotFoundError", "ImportError")
@@ -210,13 +211,13 @@ class TorchServe:
         with open(self.log_dir / "ts.out", "ab") as out:
             # java inherits these descriptors: never a pipe, or whoever reads it blocks until java exits.
             subprocess.run([str(launcher), "--start", "--ts-config", str(self.config), "--model-store",
-                            str(self.model_store), "--ncs"], cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
+                            str(self.model_store), "--log-config", str(LOG_CONFIG), "--ncs"], cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
                            stdout=out, stderr=subprocess.STDOUT, check=False, start_new_session=True)
         self.wait_ready(timeout)
         return time.monotonic() - started
 
     def _startup_logs(self) -> list[Path]:
-        return [self.log_dir / "ts.out", self.log_dir / "model_log.log"]
+        return [self.log_dir / "ts.out", self.log_dir / "ts_log.log", self.log_dir / "model_log.log"]
 
     def _startup_log(self) -> str:
         """What this start-up wrote (TorchServe appends to model_log.log across runs)."""

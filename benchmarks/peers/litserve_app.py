@@ -1,13 +1,15 @@
 """LitServe serving the same predictor with batching (8 requests or 5 ms), two inference workers on the CPU.
 
-LitServe picks the endpoint's body type from `decode_request`'s annotation: typing `request` as bytes is what
-gives a raw-body route (its default parses JSON). `python -m benchmarks.peers.litserve_app --port N`."""
-from __future__ import annotations
-
+LitServe builds its FastAPI route from `decode_request`'s annotation, so the annotation must be a real object
+(no `from __future__ import annotations` here): plain `bytes` becomes a query parameter and the default parses
+JSON, while `Annotated[bytes, Body()]` is FastAPI's raw body for non-JSON content types.
+`python -m benchmarks.peers.litserve_app --port N`."""
 import argparse
 import json
+from typing import Annotated
 
 import litserve as ls
+from fastapi import Body
 
 from benchmarks.peers.predictor import Predictor
 
@@ -16,7 +18,7 @@ class Cifar10API(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.predictor = Predictor()
 
-    def decode_request(self, request: bytes) -> bytes:
+    def decode_request(self, request: Annotated[bytes, Body()]) -> bytes:
         return request
 
     def batch(self, inputs: list[bytes]) -> list[bytes]:

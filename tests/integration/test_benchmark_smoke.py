@@ -18,6 +18,7 @@ def test_benchmark_smoke_mode_runs_every_part(tmp_path):
     for points in report["runs"].values():
         assert set(points) == {"1", "4"}
         assert all(p["requests"] > 0 and p["errors"] == 0 and p["p99_ms"] for p in points.values())
+    assert report["failed"] == {}
     assert report["facts"]["cold_start_s"] > 0 and report["facts"]["worker_rss_mib"]
     [md] = tmp_path.glob("bench-*.md")
     assert "| torchserve | 1 |" in md.read_text()
