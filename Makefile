@@ -47,7 +47,7 @@ train-cifar10: install  ## retrain the cifar10 LeNet (about 5 minutes on 2 cores
 train-cifar10-v2: install  ## train cifar10 2.0, the airbench network (about 50 minutes on 2 cores)
 	$(PY) -m training.train --arch airbench $(call data_args,cifar10) --out models/weights/cifar10_airbench.pt
 
-train-mnist: install  ## retrain the MNIST ConvNet (about 6 minutes on 2 cores)
+train-mnist: install  ## retrain the MNIST ConvNet (about 6-8 minutes on 2 cores)
 	$(PY) -m training.train --arch convnet $(call data_args,mnist) --out models/weights/mnist_convnet.pt
 
 evaluate: install  ## per-class accuracy, confusion matrix and plots for the shipped weights

@@ -54,7 +54,7 @@ class ImageClassifier(BaseHandler):
 
         self.device = torch.device("cpu")
         self.model = self._load_model(model_dir)
-        if config.get("fold_batchnorm", True) and hasattr(self.model, "fold_batchnorm"):
+        if config.get("fold_batchnorm", False) and hasattr(self.model, "fold_batchnorm"):
             self.model.fold_batchnorm()  # exact in eval mode, and fewer passes over memory per image
         self.tta = int(config.get("tta", 0))
         if self.tta not in TTA_LEVELS:
