@@ -121,6 +121,12 @@ def load(url: str, connections: int, seconds: float, pids: list[int], png_list: 
     return result
 
 
+def measure(url: str, connections: list[int], seconds: float, pids: list[int], png_list: Path) -> dict:
+    """A discarded 3-second warm-up (the JVM's JIT and Python's caches), then one wrk run per connection count."""
+    load(url, 8, min(seconds, 3), pids, png_list)
+    return {c: load(url, c, seconds, pids, png_list) for c in connections}
+
+
 def wait_http(url: str, timeout: float = 120.0, png: bytes | None = None) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
@@ -149,18 +155,17 @@ def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: flo
     facts = {"cold_start_s": round(time.monotonic() - started, 1)}
     try:
         pids = [server.pid()]
-        runs = {"torchserve": {c: load(f"{base}/cifar10", c, seconds, pids, png_list) for c in connections}}
+        runs = {"torchserve": measure(f"{base}/cifar10", connections, seconds, pids, png_list)}
         workers = [int(w["pid"]) for d in server.describe("cifar10") for w in d["workers"]]
         facts["worker_rss_mib"] = rss_mib(workers)
         if not smoke:
-            runs["torchserve cifar10 2.0"] = {c: load(f"{base}/cifar10/2.0", c, seconds, pids, png_list)
-                                              for c in connections}
+            runs["torchserve cifar10 2.0"] = measure(f"{base}/cifar10/2.0", connections, seconds, pids, png_list)
             registered = requests.post(f"{server.url('management')}/models", timeout=120, params={
                 "url": "cifar10.mar", "model_name": "cifar10_nobatch", "batch_size": 1, "initial_workers": 2,
                 "synchronous": "true"})
             registered.raise_for_status()
-            runs["torchserve batching off"] = {c: load(f"{base}/cifar10_nobatch", c, seconds, pids, png_list)
-                                               for c in connections}
+            runs["torchserve batching off"] = measure(f"{base}/cifar10_nobatch", connections, seconds, pids,
+                                                      png_list)
     finally:
         server.stop()
     return runs, facts
@@ -185,8 +190,8 @@ def peer_runs(names: list[str], connections: list[int], seconds: float, png_list
                                 start_new_session=True)
         try:
             wait_http(f"http://127.0.0.1:{port}/predictions/cifar10", png=png, timeout=60)
-            runs[name] = {c: load(f"http://127.0.0.1:{port}/predictions/cifar10", c, seconds, [proc.pid], png_list)
-                          for c in connections}
+            runs[name] = measure(f"http://127.0.0.1:{port}/predictions/cifar10", connections, seconds, [proc.pid],
+                                 png_list)
         except (RuntimeError, subprocess.SubprocessError) as exc:
             failures[name] = str(exc)
         finally:
