@@ -34,7 +34,7 @@ import torch
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
 from serving.inprocess import InProcessHandler, unpack
-from serving.server import TorchServe, config_on_free_ports, free_ports
+from serving.server import TorchServe, free_ports
 
 LUA = Path(__file__).with_name("post_png.lua")
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -146,8 +146,7 @@ def rss_mib(pids: list[int]) -> list[float]:
 
 def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: float, png_list: Path,
                     png: bytes, smoke: bool) -> tuple[dict, dict]:
-    config = config_on_free_ports(ROOT / "config.properties", tmp / "config.properties", store)
-    server = TorchServe(config=config, model_store=store, run_dir=tmp / "ts")
+    server = TorchServe.on_free_ports(ROOT / "config.properties", tmp / "ts", store)
     started = time.monotonic()
     server.start(timeout=300)
     base = f"{server.url('inference')}/predictions"

@@ -11,7 +11,6 @@ which `make serve` checks before it starts.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 from models import zoo
 from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
+from training.data import sha256_of
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
                   "handlers/payload.py", "models/__init__.py", "models/specs.py", "models/inference.py"]
@@ -37,10 +37,6 @@ def stage_extra_files(model: str, dest: Path) -> Path:
     labels = {str(i): name for i, name in enumerate(SPECS[model].classes)}
     (dest / "index_to_name.json").write_text(json.dumps(labels, indent=1) + "\n")
     return dest
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build(version: ModelVersion, export_path: Path, config_file: Path | None = None) -> Path:

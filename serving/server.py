@@ -28,8 +28,8 @@ from urllib.parse import urlparse
 import psutil
 import requests
 
-from serving.archive import sha256_of
 from serving.catalog import ROOT
+from training.data import sha256_of
 
 LOG_CONFIG = ROOT / "serving" / "log4j2.xml"
 PROFILES = {"default": ROOT / "config.properties", "prod": ROOT / "config.prod.properties"}
@@ -114,6 +114,14 @@ class TorchServe:
         self.log_dir = self.run_dir
         self.tmp_dir = self.run_dir / "tmp"
         self._log_offsets: dict[Path, int] = {}
+
+    @classmethod
+    def on_free_ports(cls, profile_config: Path, run_dir: Path, model_store: Path) -> TorchServe:
+        """A server configured like `profile_config` but on free ports and with its own run folder, so that it
+        runs beside `make serve` (tests and benchmarks use this)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = config_on_free_ports(profile_config, run_dir / profile_config.name, model_store)
+        return cls(config=config, model_store=model_store, run_dir=run_dir)
 
     # --- addresses and auth -------------------------------------------------------------------------------
     def url(self, api: str) -> str:

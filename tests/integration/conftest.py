@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import requests
 
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
-from serving.server import TorchServe, config_on_free_ports
+from serving.server import TorchServe
 
 
 def pytest_collection_modifyitems(items):
@@ -25,11 +27,15 @@ def build_store(store: Path) -> Path:
     return store
 
 
-def start(tmp: Path, profile_config: Path, store: Path) -> TorchServe:
-    config = config_on_free_ports(profile_config, tmp / profile_config.name, store)
-    server = TorchServe(config=config, model_store=store, run_dir=tmp / "run")
+@contextmanager
+def running(run_dir: Path, profile_config: Path, store: Path) -> Iterator[TorchServe]:
+    """A started server on free ports, stopped (with any worker it left) however the block ends."""
+    server = TorchServe.on_free_ports(profile_config, run_dir, store)
     server.start(timeout=240)
-    return server
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -40,21 +46,15 @@ def model_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, model_store):
     """TorchServe as config.properties configures it (local profile), on free ports."""
-    server = start(tmp_path_factory.mktemp("ts-default"), ROOT / "config.properties", model_store)
-    try:
+    with running(tmp_path_factory.mktemp("ts-default"), ROOT / "config.properties", model_store) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def served_prod(tmp_path_factory, model_store):
     """TorchServe as config.prod.properties configures it: tokens on, model API off."""
-    server = start(tmp_path_factory.mktemp("ts-prod"), ROOT / "config.prod.properties", model_store)
-    try:
+    with running(tmp_path_factory.mktemp("ts-prod"), ROOT / "config.prod.properties", model_store) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import requests
 
 from benchmarks import soak
 from serving.catalog import ROOT
-from serving.server import TorchServe, config_on_free_ports
+from serving.server import TorchServe
 from tests.bad_inputs import CASES
 from tests.integration.conftest import describe
 
@@ -140,8 +140,7 @@ def test_killed_worker_comes_back_and_only_in_flight_requests_fail(served, predi
 
 
 def test_stop_under_load_then_restart_serves_the_same_versions(tmp_path, model_store):
-    config = config_on_free_ports(ROOT / "config.properties", tmp_path / "config.properties", model_store)
-    server = TorchServe(config=config, model_store=model_store, run_dir=tmp_path / "run")
+    server = TorchServe.on_free_ports(ROOT / "config.properties", tmp_path / "run", model_store)
     server.start(timeout=240)
     try:
         url = f"{server.url('inference')}/predictions/cifar10"

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from serving.catalog import ROOT
-from serving.server import StartupError, TorchServe, config_on_free_ports
+from serving.server import StartupError, TorchServe
+from training.data import sha256_of
 
 
 def server_for(tmp_path: Path, store: Path) -> TorchServe:
-    config = config_on_free_ports(ROOT / "config.properties", tmp_path / "config.properties", store)
-    return TorchServe(config=config, model_store=store, run_dir=tmp_path / "run")
+    return TorchServe.on_free_ports(ROOT / "config.properties", tmp_path / "run", store)
 
 
 def copy_store(model_store: Path, dest: Path) -> Path:
@@ -58,8 +58,6 @@ def test_a_handler_that_fails_to_import_stops_the_server_with_the_log(tmp_path, 
                     "--version", "1.0", "--model-file", str(ROOT / "models" / "mnist_convnet.py"),
                     "--serialized-file", str(ROOT / "models" / "weights" / "mnist_convnet.pt"),
                     "--handler", str(handler), "--export-path", str(store), "--force"], check=True)
-    from serving.archive import sha256_of
-
     (store / "mnist.mar.sha256").write_text(f"{sha256_of(store / 'mnist.mar')}  mnist.mar\n")
     server = server_for(tmp_path, store)
     started = time.monotonic()
