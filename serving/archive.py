@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from models import zoo
+from models.checksum import sha256_of
 from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
-from training.data import sha256_of
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
                   "handlers/payload.py", "models/__init__.py", "models/specs.py", "models/inference.py"]

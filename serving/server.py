@@ -3,7 +3,9 @@
 TorchServe 0.12's launcher returns 0 even when start-up fails and `/ping` says Healthy while workers crash-loop,
 so this module trusts neither: it checks ports and archive checksums first, starts java detached with its output
 in `logs/`, and then waits until every configured model version has a READY worker, or until java dies or a
-model fails to load, in which case it stops everything and says why, with the log's tail.
+model fails to load, in which case it stops what it started and says why: the model/version that failed, that
+worker's own traceback, then short tails of the logs. Only the lines written since this start began are read
+(the logs are append-only and may hold failures from an earlier day).
 
     python -m serving.server start [--profile prod]
     python -m serving.server stop
@@ -15,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,17 +30,26 @@ from urllib.parse import urlparse
 import psutil
 import requests
 
+from models.checksum import sha256_of
 from serving.catalog import ROOT
-from training.data import sha256_of
 
 LOG_CONFIG = ROOT / "serving" / "log4j2.xml"
 PROFILES = {"default": ROOT / "config.properties", "prod": ROOT / "config.prod.properties"}
-FAILURE_MARKS = ("Load model failed", "Failed to load model", "ModelNotFoundException", "Address already in use",
-                 "BindException", "Invalid model archive", "ModuleNotFoundError", "ImportError")
+# Lines of TorchServe's own log that mean start-up cannot succeed, whoever wrote them.
+SERVER_FAILURES = ("Address already in use", "BindException", "Invalid model archive", "ModelNotFoundException",
+                   "Failed to load model")
+# Lines a worker thread (`W-<port>-<model>_<version>`) writes when its Python process died or cannot load.
+WORKER_FAILURES = ("Load model failed", "Backend worker process died", "Retry worker")
+WORKER_THREAD = re.compile(r"\bW-(?P<port>\d+)-(?P<model>\S+)_(?P<version>[^\s_]+?)(?:-(?:stdout|stderr))?\s")
+LOG_LINE = re.compile(r"^\S+ \[\s*\w+\s*\] (?P<thread>\S+) (?P<logger>\S+) - (?P<message>.*)$")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)\b.*")
+BIND_FAILURES = ("Address already in use", "BindException")
+PORT_ATTEMPTS = 4  # a server on free ports picks new ones when another process takes one before java binds it
+TRACEBACK_WAIT_S = 10.0  # how long to wait for a failed worker's traceback to be written in full
 
 
 class StartupError(RuntimeError):
-    """TorchServe did not come up; the message says why and includes the log's tail."""
+    """TorchServe did not come up; the message says which model/version failed and why, with short log tails."""
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -56,6 +67,8 @@ PORT_KEYS = ("inference_address", "management_address", "metrics_address", "grpc
 
 
 def free_ports(count: int) -> list[int]:
+    """Ports the kernel says are free now. Another process may take one before java binds it, so a server
+    configured from these retries with new ones when it sees a bind failure (`TorchServe.start`)."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for sock in sockets:
@@ -69,7 +82,7 @@ def free_ports(count: int) -> list[int]:
 def config_on_free_ports(source: Path, dest: Path, store: Path) -> Path:
     """A copy of a config file with every port moved to a free one and the model store replaced, so a test or a
     benchmark server runs beside `make serve` without touching it."""
-    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)), strict=True))
     lines = []
     for line in source.read_text().splitlines():
         key = line.split("=", 1)[0].strip()
@@ -101,19 +114,95 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+class LogReader:
+    """Reads only what TorchServe's append-only logs gained since `mark()`, a few new bytes per poll.
+
+    `make serve` must judge this start-up alone: a failure written on an earlier day must not count, and a
+    large `ts_log.log` must not be re-read every half second.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.offsets: dict[Path, int] = {}
+        self.partial: dict[Path, bytes] = {}
+        self.lines: dict[Path, list[str]] = {path: [] for path in paths}
+
+    def mark(self) -> None:
+        """From now on: remember where each file ends and forget what was read."""
+        for path in self.paths:
+            self.offsets[path] = path.stat().st_size if path.exists() else 0
+            self.partial[path] = b""
+            self.lines[path] = []
+
+    def poll(self) -> list[str]:
+        """The complete lines written since the last poll (all files; a rotated file is read from its start)."""
+        new: list[str] = []
+        for path in self.paths:
+            if not path.exists():
+                continue
+            offset = self.offsets.get(path, 0)
+            if path.stat().st_size < offset:  # rotated or truncated: the new file is all new
+                offset, self.partial[path] = 0, b""
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            self.offsets[path] = offset + len(chunk)
+            *complete, rest = (self.partial.get(path, b"") + chunk).split(b"\n")
+            self.partial[path] = rest
+            decoded = [line.decode(errors="replace") for line in complete]
+            self.lines[path].extend(decoded)
+            new.extend(decoded)
+        return new
+
+    def tail(self, count: int) -> str:
+        parts = [f"--- {path} (last {min(count, len(lines))} lines of this start) ---\n" + "\n".join(lines[-count:])
+                 for path, lines in self.lines.items() if lines]
+        return "\n".join(parts) or "(nothing written to the logs during this start)"
+
+
+def worker_of(line: str) -> tuple[str, str] | None:
+    """`(model/version, worker port)` for a line a worker thread wrote, else None."""
+    match = WORKER_THREAD.search(line)
+    return (f"{match['model']}/{match['version']}", match["port"]) if match else None
+
+
+def worker_traceback(lines: list[str], port: str) -> list[str]:
+    """The Python traceback one worker printed, from the lines that belong to it alone (other workers' lines
+    interleave in model_log.log). Frames inside importlib and caret markers are dropped: they say nothing."""
+    own = []
+    for line in lines:
+        parsed = LOG_LINE.match(line)
+        if parsed and parsed["thread"].startswith(f"W-{port}-") and parsed["thread"].endswith(("-stdout", "-stderr")):
+            own.append(parsed["message"])
+    start = next((i for i, message in enumerate(own) if message.startswith("Traceback (most recent call last)")),
+                 None)
+    if start is None:
+        return []
+    block = own[start:]
+    last = max((i for i, message in enumerate(block) if EXCEPTION_LINE.match(message)), default=None)
+    block = block[:last + 1] if last is not None else block
+    return [m for m in block if "<frozen importlib" not in m and not re.fullmatch(r"\s*[\^~]+\s*", m)]
+
+
 @dataclass
 class TorchServe:
-    """One TorchServe instance: its config file, model store and a private run folder (TMPDIR, pid, logs)."""
+    """One TorchServe instance: its config file, model store and a private run folder (TMPDIR, pid, logs).
+
+    `source_config` is set for a server on free ports: it is what the config is regenerated from, with new
+    ports, when another process took one of them before java could bind it.
+    """
 
     config: Path
     model_store: Path
     run_dir: Path
+    source_config: Path | None = None
 
     def __post_init__(self) -> None:
         self.properties = read_properties(self.config)
         self.log_dir = self.run_dir
         self.tmp_dir = self.run_dir / "tmp"
-        self._log_offsets: dict[Path, int] = {}
+        self.logs = LogReader([self.log_dir / "ts.out", self.log_dir / "ts_log.log", self.log_dir / "model_log.log"])
+        self.orphans_killed = 0
 
     @classmethod
     def on_free_ports(cls, profile_config: Path, run_dir: Path, model_store: Path) -> TorchServe:
@@ -121,7 +210,11 @@ class TorchServe:
         runs beside `make serve` (tests and benchmarks use this)."""
         run_dir.mkdir(parents=True, exist_ok=True)
         config = config_on_free_ports(profile_config, run_dir / profile_config.name, model_store)
-        return cls(config=config, model_store=model_store, run_dir=run_dir)
+        return cls(config=config, model_store=model_store, run_dir=run_dir, source_config=profile_config)
+
+    def _move_to_new_ports(self) -> None:
+        config_on_free_ports(self.source_config, self.config, self.model_store)
+        self.properties = read_properties(self.config)
 
     # --- addresses and auth -------------------------------------------------------------------------------
     def url(self, api: str) -> str:
@@ -158,11 +251,23 @@ class TorchServe:
         return self.tmp_dir / ".model_server.pid"
 
     def pid(self) -> int | None:
+        """java's pid, only if the pid file names a live TorchServe of *this* run folder.
+
+        After a crash the pid file stays behind and the kernel may give its pid to any other process; signalling
+        that one would be a serious bug. So the process must be TorchServe's java with our TMPDIR on its command
+        line, and must have started before the launcher wrote the pid file.
+        """
         try:
             pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
+            written = self.pid_file.stat().st_mtime
+            process = psutil.Process(pid)
+            cmdline = process.cmdline()
+            created = process.create_time()
+            alive = process.status() != psutil.STATUS_ZOMBIE
+        except (OSError, ValueError, psutil.Error):
             return None
-        return pid if pid_alive(pid) else None
+        ours = "org.pytorch.serve.ModelServer" in cmdline and f"-Djava.io.tmpdir={self.tmp_dir}" in cmdline
+        return pid if alive and ours and created <= written + 1.0 else None
 
     def expected_models(self) -> dict[str, list[str]]:
         """model → versions that `models=` in the config file declares (what must be READY)."""
@@ -183,76 +288,111 @@ class TorchServe:
                 raise StartupError(f"{archive} does not match the sha256 recorded in {recorded} when it was built; "
                                    "refusing to serve it (rebuild it with `make archive`)")
 
-    def log_tail(self, lines: int = 40) -> str:
-        tails = []
-        for name in ("ts.out", "model_log.log", "ts_log.log"):
-            path = self.log_dir / name
-            if path.exists():
-                text = path.read_text(errors="replace").splitlines()[-lines:]
-                tails.append(f"--- {path} (last {len(text)} lines) ---\n" + "\n".join(text))
-        return "\n".join(tails) or "(no log written)"
-
-    def _fail(self, reason: str) -> None:
-        tail = self.log_tail()
-        self.stop(quiet=True)
-        raise StartupError(f"{reason}\n{tail}")
-
     def start(self, timeout: float = 180.0) -> float:
-        """Start java and block until every configured version has a READY worker; returns seconds taken."""
+        """Start java and block until every configured version has a READY worker; returns seconds taken.
+
+        On a server that is already running this only waits for READY workers, judging only log lines written
+        from now on, and never stops it.
+        """
         if self.pid() is not None:
-            self.wait_ready(timeout)
+            self.logs.mark()
+            self.wait_ready(timeout, launched=False)
             return 0.0
         if shutil.which("java") is None:
             raise StartupError("java is not on PATH: TorchServe's frontend needs a JDK 17 (apt install openjdk-17-jdk)")
         self.check_archives()
-        for host, port in self.ports():
-            if not port_is_free(host, port):
+        started = time.monotonic()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            retry = self.source_config is not None and attempt < PORT_ATTEMPTS
+            taken = [(host, port) for host, port in self.ports() if not port_is_free(host, port)]
+            if taken:
+                if retry:
+                    self._move_to_new_ports()
+                    continue
+                host, port = taken[0]
                 raise StartupError(f"port {host}:{port} is already in use by another process; stop it or change "
                                    f"the port in {self.config}")
+            self._launch()
+            try:
+                self.wait_ready(timeout, launched=True)
+            except PortTaken:
+                if not retry:
+                    raise
+                self._move_to_new_ports()
+                continue
+            return time.monotonic() - started
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _launch(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._log_offsets = {path: path.stat().st_size if path.exists() else 0 for path in self._startup_logs()}
+        self.logs.mark()
         env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir), LOG_LOCATION=str(self.log_dir),
                    METRICS_LOCATION=str(self.log_dir))
         launcher = Path(sys.executable).with_name("torchserve")
-        started = time.monotonic()
         with open(self.log_dir / "ts.out", "ab") as out:
             # java inherits these descriptors: never a pipe, or whoever reads it blocks until java exits.
             subprocess.run([str(launcher), "--start", "--ts-config", str(self.config), "--model-store",
-                            str(self.model_store), "--log-config", str(LOG_CONFIG), "--ncs"], cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL,
-                           stdout=out, stderr=subprocess.STDOUT, check=False, start_new_session=True)
-        self.wait_ready(timeout)
-        return time.monotonic() - started
+                            str(self.model_store), "--log-config", str(LOG_CONFIG), "--ncs"], cwd=self.run_dir,
+                           env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
+                           start_new_session=True)
 
-    def _startup_logs(self) -> list[Path]:
-        return [self.log_dir / "ts.out", self.log_dir / "ts_log.log", self.log_dir / "model_log.log"]
-
-    def _startup_log(self) -> str:
-        """What this start-up wrote (TorchServe appends to model_log.log across runs)."""
-        text = []
-        for path in self._startup_logs():
-            if path.exists():
-                with open(path, "rb") as f:
-                    f.seek(self._log_offsets.get(path, 0))
-                    text.append(f.read().decode(errors="replace"))
-        return "".join(text)
-
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, launched: bool = True) -> None:
+        """Poll until every expected version has a READY worker; fail on the first sign it never will."""
         started = time.monotonic()
         expected = self.expected_models()
         while True:
             time.sleep(0.5)
             pid = self.pid()
-            if pid is None and time.monotonic() - started > 5:  # the launcher writes the pid file within ~1 s
-                self._fail("TorchServe's java process exited during start-up")
-            mark = next((m for m in FAILURE_MARKS if m in self._startup_log()), None)
-            if mark:
-                self._fail(f"TorchServe reported {mark!r} while starting")
+            for line in self.logs.poll():
+                self._judge(line, launched)
+            if launched and pid is None and time.monotonic() - started > 5:  # the pid file appears within ~1 s
+                self._fail("TorchServe's java process exited during start-up", launched)
             if pid is not None and self.not_ready(expected) == []:
                 return
             if time.monotonic() - started > timeout:
-                self._fail(f"no READY worker for {', '.join(self.not_ready(expected))} after {timeout:.0f} s "
-                           "(a worker that keeps crashing shows why in model_log.log)")
+                self._fail(f"no READY worker for {', '.join(self.not_ready(expected))} after {timeout:.0f} s",
+                           launched)
+
+    def _judge(self, line: str, launched: bool) -> None:
+        """Raise for a log line that means this start cannot succeed."""
+        if launched and any(mark in line for mark in BIND_FAILURES):
+            tail = self.logs.tail(10)
+            self.stop(quiet=True)
+            raise PortTaken(f"a port was taken before TorchServe could bind it:\n{line}\n{tail}")
+        worker = worker_of(line)
+        if worker and any(mark in line for mark in WORKER_FAILURES):
+            model_version, port = worker
+            traceback = self._wait_for_traceback(port)
+            quoted = "\n".join(f"    {t}" for t in traceback) if traceback else \
+                "    (the worker printed no Python traceback; see the log tails below)"
+            self._fail(f"{model_version} failed to load: its worker (W-{port}) died.\n"
+                       f"  The worker's traceback:\n{quoted}", launched)
+        mark = next((m for m in SERVER_FAILURES if m in line), None)
+        if mark:
+            self._fail(f"TorchServe reported {mark!r} while starting:\n    {line.strip()}", launched)
+
+    def _wait_for_traceback(self, port: str) -> list[str]:
+        """A dying worker's traceback may still be on its way through java's log: wait, within a bound, until it
+        ends with an exception line and the worker has written nothing more for a moment."""
+        deadline = time.monotonic() + TRACEBACK_WAIT_S
+        traceback: list[str] = []
+        while time.monotonic() < deadline:
+            model_log = self.logs.lines[self.log_dir / "model_log.log"]
+            traceback = worker_traceback(model_log, port)
+            before = len(model_log)
+            time.sleep(0.5)
+            self.logs.poll()
+            quiet = len(self.logs.lines[self.log_dir / "model_log.log"]) == before
+            if traceback and EXCEPTION_LINE.match(traceback[-1]) and quiet:
+                break
+        return traceback
+
+    def _fail(self, reason: str, launched: bool) -> None:
+        tail = self.logs.tail(10)
+        if launched:  # never stop a server this call did not start
+            self.stop(quiet=True)
+        raise StartupError(f"{reason}\n{tail}")
 
     def describe(self, model: str) -> list[dict]:
         response = requests.get(f"{self.url('management')}/models/{model}/all", headers=self.headers("management"),
@@ -275,27 +415,40 @@ class TorchServe:
         return missing
 
     def stop(self, timeout: float = 60.0, quiet: bool = False) -> bool:
-        """SIGTERM java and wait for it (SIGKILL after `timeout`); False when nothing was running."""
+        """SIGTERM java and wait for it (SIGKILL after `timeout`); False when nothing of ours was running."""
         pid = self.pid()
         if pid is None:
+            self.pid_file.unlink(missing_ok=True)  # stale: its pid is gone or belongs to someone else now
             return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            while pid_alive(pid):
-                time.sleep(0.1)
+        try:
+            java = psutil.Process(pid)
+            java.terminate()
+            try:
+                java.wait(timeout)
+            except psutil.TimeoutExpired:
+                java.kill()
+                java.wait(30)
+        except psutil.NoSuchProcess:
+            pass  # it exited on its own between the check and the signal
         self.pid_file.unlink(missing_ok=True)
-        self._kill_orphaned_workers()
+        self.orphans_killed = self._kill_orphaned_workers()
         return True
 
-    def _kill_orphaned_workers(self) -> None:
+    def _kill_orphaned_workers(self) -> int:
         """Workers of a java that died hard keep running; their socket path names our private TMPDIR."""
+        killed = 0
         for proc in psutil.process_iter(["cmdline"]):
-            if any(str(self.tmp_dir) in part for part in proc.info["cmdline"] or []):
-                proc.kill()
+            try:
+                if any(str(self.tmp_dir) in part for part in proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed += 1
+            except psutil.NoSuchProcess:
+                continue  # it exited between the listing and the kill: nothing left to do
+        return killed
+
+
+class PortTaken(StartupError):
+    """java could not bind a port that was free a moment before (another process took it)."""
 
 
 def local(profile: str = "default") -> TorchServe:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models import zoo
+from models.checksum import sha256_of
 from models.specs import CIFAR10, MNIST, SPECS
 from serving.catalog import SHIPPED
 from training import data, evaluate, export, train
@@ -58,8 +59,8 @@ def test_train_lenet_from_npz_writes_weights_and_card(tmp_path):
     assert card["architecture"]["name"] == "lenet" and card["data"]["train_images"] == 200
     assert card["validation_split"]["size"] == 40 and len(card["history"]) == 2
     assert set(card["validation"]["per_class"]) == set(CIFAR10.classes)
-    assert card["weights"]["sha256"] == data.sha256_of(tmp_path / "w.pt")
-    assert card["data"]["sha256"] == data.sha256_of(tmp_path / "lenet.npz")
+    assert card["weights"]["sha256"] == sha256_of(tmp_path / "w.pt")
+    assert card["data"]["sha256"] == sha256_of(tmp_path / "lenet.npz")
     assert card["training"]["images_per_second"] > 0 and card["environment"]["torch"] == torch.__version__
 
 
@@ -166,7 +167,7 @@ def test_training_and_serving_read_the_same_constants():
 @pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
 def test_shipped_weights_load_weights_only_and_reach_the_card_accuracy(version, validation_split):
     card = json.loads(version.weights.with_suffix(".json").read_text())
-    assert card["weights"]["sha256"] == data.sha256_of(version.weights)
+    assert card["weights"]["sha256"] == sha256_of(version.weights)
     model = zoo.get(version.arch).build()
     model.load_state_dict(torch.load(version.weights, weights_only=True))
     images, labels = validation_split(version.model)

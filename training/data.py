@@ -6,7 +6,6 @@ forward passes.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +80,3 @@ def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generat
         images = torch.where(mask.view(n, 1, 1, 1), images.flip(3), images)
     return images
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

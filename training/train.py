@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models import zoo
+from models.checksum import sha256_of
 from models.specs import SPECS
 from training import data
 from training.evaluate import accuracy_report, predict
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "input": {"shape": list(spec.input_shape), "mean": list(spec.mean), "std": list(spec.std),
                   "classes": list(spec.classes)},
         "data": {"source": args.data_source, "path": str(args.data_path),
-                 "sha256": data.sha256_of(args.data_path) if args.data_source == "npz" else None,
+                 "sha256": sha256_of(args.data_path) if args.data_source == "npz" else None,
                  "train_images": len(split.train_labels)},
         "validation_split": {"method": "np.random.default_rng(0).permutation(n)[:val_size]",
                              "seed": 0, "size": args.val_size},
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         "history": history,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "cpu_count": os.cpu_count()},
-        "weights": {"file": args.out.name, "sha256": data.sha256_of(args.out), "bytes": args.out.stat().st_size},
+        "weights": {"file": args.out.name, "sha256": sha256_of(args.out), "bytes": args.out.stat().st_size},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     card_path = args.out.with_suffix(".json")
