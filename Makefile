@@ -13,7 +13,7 @@ WEIGHTS ?=
 ARCH    ?=
 
 .PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate export archive serve \
-        stop status test test-unit soak bench clean
+        stop status lint test test-unit soak bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -72,7 +72,10 @@ stop: install  ## stop TorchServe and wait until java has exited
 status: install  ## models, versions and workers of the running server
 	$(PY) -m serving.server status
 
-test: install bench-deps  ## the whole suite: unit, training and integration tests against a real TorchServe
+lint: install  ## ruff (pinned; rules in pyproject.toml): pyflakes, pycodestyle errors, import order, bugbear
+	$(VENV)/bin/ruff check .
+
+test: install bench-deps lint  ## lint, then the whole suite: unit, training and integration tests against a real TorchServe
 	$(PY) -m pytest
 
 test-unit: install  ## everything that needs no server

@@ -212,10 +212,12 @@ def markdown(report: dict) -> str:
                          f"{r['server_cpu_ms_per_req']} | {r['host_cpu_ms_per_req']} |")
     ceiling_line = ", ".join(f"{k.replace('_', ' ')}: {v:.0f} img/s" for k, v in report["ceiling"].items())
     lines += ["", f"In-process ceiling (one thread, the handler's whole work per image): {ceiling_line}."]
-    lines += [f"Served/ceiling at {c} connections: {v:.2f} (ceiling = batch-8 img/s × {report['machine']['cores']} cores)"
+    cores = report['machine']['cores']
+    lines += [f"Served/ceiling at {c} connections: {v:.2f} (ceiling = batch-8 img/s × {cores} cores)"
               for c, v in report["served_over_ceiling"].items()]
     facts = report["facts"]
-    lines += [f"Cold start (start → first 200): {facts['cold_start_s']} s; archive build: {facts['archive_build_s']} s; "
+    lines += [f"Cold start (start → first 200): {facts['cold_start_s']} s; "
+              f"archive build: {facts['archive_build_s']} s; "
               f"cifar10 worker RSS: {facts.get('worker_rss_mib')} MiB."]
     lines += [f"**{name} did not run**: {reason}" for name, reason in report["failed"].items()] + [""]
     return "\n".join(lines)
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
                     "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
-        "versions": {"torch": torch.__version__, "torchserve": _version("torchserve"), "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "torchserve": _version("torchserve"),
+                     "python": platform.python_version()},
         "seconds": seconds, "smoke": args.smoke, "ceiling": ceiling_rates, "facts": facts, "failed": failures,
         "runs": {name: {str(c): r for c, r in points.items()} for name, points in runs.items()},
         "served_over_ceiling": {str(c): round(r["rps"] / (ceiling_rates["batch_8"] * cores), 3)

@@ -123,10 +123,11 @@ def soak(inference_url: str, management_url: str, duration: float, connections: 
             windows.append({"window": w + 1, "requests": len(lat), "p50_ms": round(percentile(lat, 0.5) * 1000, 1),
                             "p99_ms": round(percentile(lat, 0.99) * 1000, 1)})
     growth = {k: round(rss_after[k] - rss_before[k], 1) for k in rss_before if k in rss_after}
-    return {"requests": tally.count, "seconds": round(elapsed, 1), "requests_per_second": round(tally.count / elapsed, 1),
+    return {"requests": tally.count, "seconds": round(elapsed, 1),
+            "requests_per_second": round(tally.count / elapsed, 1),
             "unexpected": len(tally.unexpected), "examples": tally.unexpected[:5], "windows": windows,
             "rss_mib_before": {k: round(v, 1) for k, v in rss_before.items()}, "rss_growth_mib": growth,
-            "median_latency_ms": round(statistics.median(l for _, l in tally.latencies) * 1000, 1)
+            "median_latency_ms": round(statistics.median(latency for _, latency in tally.latencies) * 1000, 1)
             if tally.latencies else None}
 
 

@@ -134,7 +134,7 @@ class ImageClassifier(BaseHandler):
                 pixels.append(decode_image(item.data, self.spec.image_size, self.spec.channels, self.limits,
                                            self.spec.light_on_dark))
             except InputError as exc:
-                raise exc if item.where == "body" else exc.at(item.where)
+                raise exc if item.where == "body" else exc.at(item.where) from None
         return pixels, request.form, topk
 
     def preprocess(self, data: list[dict]) -> Batch:
@@ -188,7 +188,7 @@ class ImageClassifier(BaseHandler):
                 results.append(json.dumps(plan.body(), separators=(",", ":")).encode())
                 continue
             start, count, form, k = plan
-            answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k])}
+            answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k], strict=True)}
                        for i in range(start, start + count)]
             body: Any = answers[0] if form == payload.SINGLE else answers
             if form == payload.KSERVE:

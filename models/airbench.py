@@ -1,10 +1,10 @@
 """cifar10 2.0: an airbench-style network (Keller Jordan's CIFAR-10 speedruns), sized for a 2-core CPU.
 
-A frozen 2×2 patch-whitening convolution, three conv groups (conv → max-pool → BN → GELU → conv → BN → GELU)
-of 64/256/256 channels (airbench94's widths), a global max-pool and a linear layer scaled by 1/9. BatchNorm scales are fixed at 1,
-so every BN is a positive per-channel affine map that commutes with max-pooling: `fold_batchnorm` folds all of
-them into the preceding convolutions for inference. TorchServe imports this file on its own and requires
-exactly one class in it.
+A frozen 2×2 patch-whitening convolution, three conv groups (conv → max-pool → BN → GELU → conv → BN →
+GELU) of 64/256/256 channels (airbench94's widths), a global max-pool and a linear layer scaled by 1/9. BatchNorm
+scales are fixed at 1, so every BN is a positive per-channel affine map that commutes with max-pooling:
+`fold_batchnorm` folds all of them into the preceding convolutions for inference. TorchServe imports this file
+on its own and requires exactly one class in it.
 """
 from __future__ import annotations
 

@@ -1,13 +1,17 @@
 """Run a real archive's handler in this process, as a TorchServe worker would: for unit tests and for the
-benchmark's in-process ceiling. No java, no sockets; the handler, model and Context are the real ones."""
+benchmark's in-process ceiling. No java, no sockets; the handler, model and Context are the real ones, and so is
+the code: every module the handler imports comes from the unpacked archive, never from this repository, so a file
+the archive lacks fails here exactly as it would in a worker."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
 import sys
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,37 @@ def unpack(archive: Path, dest: Path) -> Path:
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(dest)
     return dest
+
+
+# Packages the archive ships (serving/archive.py stages them) that this repository also has under the same names.
+SHIPPED_PACKAGES = ("handlers", "models")
+
+
+@contextlib.contextmanager
+def archive_imports(model_dir: Path, names: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """Import as a worker does, with the model directory first on sys.path and none of the repository's copies
+    of `names` cached; afterwards the repository's modules are back and the archive's are handed out in the
+    yielded dict (the handler keeps its references, so it goes on running the archive's code)."""
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in names
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, str(model_dir))
+    loaded: dict[str, Any] = {}
+    try:
+        yield loaded
+    finally:
+        sys.path.remove(str(model_dir))
+        loaded.update({name: module for name, module in sys.modules.items() if ours(name)})
+        for name in loaded:
+            del sys.modules[name]
+        sys.modules.update(saved)
+    outside = {name: getattr(module, "__file__", None) for name, module in loaded.items()
+               if not Path(getattr(module, "__file__", None) or "/").resolve().is_relative_to(model_dir.resolve())}
+    if outside:
+        raise ImportError(f"the handler imported modules from outside its archive {model_dir}: {outside}")
 
 
 class InProcessHandler:
@@ -37,15 +72,14 @@ class InProcessHandler:
         metrics.initialize_cache()
         self.context = Context(manifest["model"]["modelName"], str(model_dir), manifest, config["batchSize"],
                                None, "0.12.0", metrics=metrics, model_yaml_config=config)
-        if str(model_dir) not in sys.path:
-            # TorchServe puts the model directory first on sys.path; appending it instead lets this repository's
-            # own packages (identical to the archive's copies, which lack zoo.py and training) stay importable.
-            sys.path.append(str(model_dir))
-        module = importlib.import_module(Path(manifest["model"]["handler"]).stem)
-        [handler_class] = [c for _, c in inspect.getmembers(module, inspect.isclass)
-                           if c.__module__ == module.__name__]
-        self.handler = handler_class()
-        self.handler.initialize(self.context)
+        handler_module = Path(manifest["model"]["handler"]).stem
+        model_module = Path(manifest["model"]["modelFile"]).stem
+        with archive_imports(model_dir, (*SHIPPED_PACKAGES, handler_module, model_module)) as self.modules:
+            module = importlib.import_module(handler_module)
+            [handler_class] = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                               if c.__module__ == module.__name__]
+            self.handler = handler_class()
+            self.handler.initialize(self.context)  # imports the model file, from the archive too
 
     def _new_batch(self, rows: list[dict], headers: list[dict] | None) -> None:
         """What the worker does before each batch: fresh per-request headers, ids and response slots."""

@@ -106,12 +106,30 @@ def test_validation_split_is_fixed_and_disjoint():
     assert np.array_equal(val_a, val_b) and not set(train_a) & set(val_a) and len(train_a) + len(val_a) == 1000
 
 
+def translations(image: torch.Tensor, pad: int) -> list[tuple[int, int, bool, torch.Tensor]]:
+    """Every zero-filled shift of `image` by up to `pad` pixels, unflipped and flipped: what augment may return."""
+    _, h, w = image.shape
+    padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+    return [(dy, dx, flip, (padded[:, dy:dy + h, dx:dx + w].flip(2) if flip else padded[:, dy:dy + h, dx:dx + w]))
+            for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (False, True)]
+
+
 def test_augment_translates_and_flips_whole_batches():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
-    generator = torch.Generator().manual_seed(0)
-    out = data.augment(images, pad=2, flip=True, generator=generator)
+    """Each output image is one of its input's shifts (zero fill) or their mirror images, and a seeded batch of
+    64 uses many different ones, flips included: a no-op or a wrong shift fails."""
+    images = torch.randint(1, 256, (64, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    out = data.augment(images, pad=2, flip=True, generator=torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.dtype == torch.uint8
-    assert torch.equal(data.augment(images, pad=0, flip=False, generator=generator), images)
+    chosen = []
+    for source, result in zip(images, out, strict=True):
+        matches = [(dy, dx, flip) for dy, dx, flip, candidate in translations(source, 2)
+                   if torch.equal(candidate, result)]
+        assert matches, "an output image is no shift or flip of its input"
+        chosen.append(matches[0])
+    assert len(set(chosen)) >= 10  # 50 possible (dy, dx, flip); a seeded draw of 64 covers many
+    assert any(flip for _, _, flip in chosen) and not all(flip for _, _, flip in chosen)
+    assert any((dy, dx) != (2, 2) for dy, dx, _ in chosen)  # (2, 2) is no shift at all
+    assert torch.equal(data.augment(images, pad=0, flip=False, generator=torch.Generator()), images)
 
 
 def test_evaluate_prints_per_class_accuracy_and_writes_plots(tmp_path, capsys):
@@ -182,7 +200,15 @@ def test_airbench_trains_from_scratch_on_tiny_data(tmp_path):
     assert card["architecture"]["name"] == "airbench" and card["validation"]["tta"] == 2
     assert "accuracy_without_tta" in card["validation"] and card["training"]["optimizer"]["lookahead"]
     weights = torch.load(tmp_path / "w.pt", weights_only=True)
-    assert weights["whiten.weight"].abs().sum() > 0  # the whitening layer was fitted to the data
+    # The frozen whitening layer holds the PCA whitening of the training images' patches: what init_whitening
+    # computes from the same images (the first 5,000 of the training split), not a fresh layer's random init.
+    from models.airbench import Airbench
+
+    images, labels = data.load("cifar10", "npz", tmp_path / "airbench.npz")
+    fitted = Airbench()
+    fitted.init_whitening(CIFAR10.normalize(data.split(images, labels, 40).train_images[:5000]))
+    torch.testing.assert_close(weights["whiten.weight"], fitted.whiten.weight, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(Airbench().whiten.weight, fitted.whiten.weight)
 
 
 def test_airbench_batchnorm_folding_is_exact():

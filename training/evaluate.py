@@ -41,7 +41,7 @@ def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, spec: Datas
     matrix = confusion_matrix(predictions, labels, spec.num_classes)
     per_class = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
     return {"images": len(labels), "accuracy": round((predictions == labels).float().mean().item(), 5),
-            "per_class": {name: round(acc, 5) for name, acc in zip(spec.classes, per_class)},
+            "per_class": {name: round(acc, 5) for name, acc in zip(spec.classes, per_class, strict=True)},
             "confusion_matrix": matrix.tolist()}
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, acc in report["per_class"].items():
         print(f"  {name:>{width}}  {acc:.4f}")
     print("confusion matrix (rows: true, columns: predicted)")
-    for name, row in zip(spec.classes, report["confusion_matrix"]):
+    for name, row in zip(spec.classes, report["confusion_matrix"], strict=True):
         print(f"  {name:>{width}}  " + " ".join(f"{v:5d}" for v in row))
     stem = args.weights.with_suffix("")
     plot_confusion(report, spec, Path(f"{stem}.confusion.png"))

@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="weights file; the model card is written beside it")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"))
     p.add_argument("--resume", type=Path,
-                   help="a checkpoint (<checkpoint-dir>/<dataset>_<arch>/epoch-NNN.pt) of an earlier run with the same flags")
+                   help="a checkpoint (<checkpoint-dir>/<dataset>_<arch>/epoch-NNN.pt) of an earlier run with the "
+                        "same flags")
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count())

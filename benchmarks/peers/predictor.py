@@ -44,6 +44,6 @@ class Predictor:
             if isinstance(slot, InputError):
                 answers.append((slot.status, json.dumps(slot.body()).encode()))
             else:
-                top = {self.spec.classes[c]: round(p, 6) for c, p in zip(indices[slot], values[slot])}
+                top = {self.spec.classes[c]: round(p, 6) for c, p in zip(indices[slot], values[slot], strict=True)}
                 answers.append((200, json.dumps(top, separators=(",", ":")).encode()))
         return answers

@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-
 from benchmarks import run
+from tests.conftest import require
 
 
 def test_benchmark_smoke_mode_runs_every_part(tmp_path):
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (make bench-deps installs Debian's package)")
+    require(shutil.which("wrk") is not None, "wrk is not installed (make bench-deps installs Debian's package)")
     report = run.main(["--smoke", "--out", str(tmp_path)])
     assert set(report["ceiling"]) == {"batch_1", "batch_8", "batch_32"}
     assert set(report["runs"]) == {"torchserve", "flask threaded"}

@@ -95,81 +95,98 @@ def test_allowed_urls_refuses_archives_from_the_network(served):
     assert response.status_code == 404 and "does not match any allowed URL" in response.json()["message"]
 
 
-def test_killed_worker_comes_back_and_only_in_flight_requests_fail(served, predict_url):
-    """kill -9 one cifar10 worker under load: TorchServe restarts it; failures are few, fast and 5xx."""
-    victim = int(sorted(worker_pids(served)["cifar10/1.0"])[0])
-    results: list[tuple[int | str, float]] = []
-    stop = threading.Event()
+class Load:
+    """Client threads sending the cat in a loop; every outcome recorded, each thread's loop bounded in time."""
 
-    def load():
+    def __init__(self, url: str, threads: int, timeout: float, limit_s: float = 300.0) -> None:
+        self.url, self.timeout, self.limit_s = url, timeout, limit_s
+        self.results: list[tuple[int | str, float]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
         session = requests.Session()
-        while not stop.is_set():
+        ends = time.monotonic() + self.limit_s
+        while not self.stop.is_set() and time.monotonic() < ends:
             sent = time.monotonic()
             try:
-                status: int | str = session.put(predict_url("cifar10/1.0"), data=CAT, timeout=30).status_code
+                status: int | str = session.put(self.url, data=CAT, timeout=self.timeout).status_code
             except requests.RequestException as exc:
                 status = type(exc).__name__
-            results.append((status, time.monotonic() - sent))
+            self.results.append((status, time.monotonic() - sent))
 
-    threads = [threading.Thread(target=load) for _ in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    killed_at = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    ready_after = None
-    while time.monotonic() - killed_at < 90:
-        workers = describe(served, "cifar10")
-        current = next(d for d in workers if d["modelVersion"] == "1.0")["workers"]
-        if len(current) == 2 and all(w["status"] == "READY" for w in current) and \
-                str(victim) not in {w["pid"] for w in current}:
-            ready_after = time.monotonic() - killed_at
-            break
-        time.sleep(0.2)
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
-    failures = [(status, latency) for status, latency in results if status != 200]
-    print(f"\nkill -9 worker {victim}: {len(results)} requests, {len(failures)} failed "
-          f"({sorted({s for s, _ in failures}, key=str)}), READY again after {ready_after} s")
-    assert ready_after is not None and ready_after < 60
-    assert len(failures) <= 16, failures  # at most the batches in flight on the killed worker
-    assert all(isinstance(status, int) and 500 <= status < 600 and latency < 30 for status, latency in failures)
-    assert requests.put(predict_url(), data=CAT, timeout=30).status_code == 200
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def successes(self) -> int:
+        return sum(status == 200 for status, _ in self.results)
+
+    def wait_for_successes(self, count: int, bound_s: float = 120.0) -> None:
+        """Block until `count` more requests have answered 200 (a condition, with a generous bound)."""
+        target = self.successes() + count
+        deadline = time.monotonic() + bound_s
+        while self.successes() < target:
+            assert time.monotonic() < deadline, f"fewer than {count} answers in {bound_s} s: {self.results[-5:]}"
+            time.sleep(0.05)
+
+
+def test_killed_worker_comes_back_and_only_in_flight_requests_fail(served, predict_url):
+    """kill -9 one cifar10 worker under load: TorchServe restarts it; the few failures are answered 5xx."""
+    victim = int(sorted(worker_pids(served)["cifar10/1.0"])[0])
+    with Load(predict_url("cifar10/1.0"), threads=8, timeout=60) as load:
+        load.wait_for_successes(50)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        replaced = False
+        while time.monotonic() - killed_at < 120:  # a generous bound on a condition
+            current = next(d for d in describe(served, "cifar10") if d["modelVersion"] == "1.0")["workers"]
+            pids = {int(w["pid"]) for w in current if w.get("pid")}
+            if len(current) == 2 and all(w["status"] == "READY" for w in current) and victim not in pids:
+                replaced = True
+                break
+            time.sleep(0.2)
+        ready_after = time.monotonic() - killed_at
+        assert replaced, f"the killed worker {victim} was not replaced by a READY one: {current}"
+        load.wait_for_successes(50)  # the model serves again after the replacement
+    failures = [(status, latency) for status, latency in load.results if status != 200]
+    print(f"\nkill -9 worker {victim}: {len(load.results)} requests, {len(failures)} failed "
+          f"({sorted({s for s, _ in failures}, key=str)}), READY again after {ready_after:.1f} s")
+    # Only requests in flight on the killed worker fail: 8 client threads hold at most 8; 16 leaves room for a
+    # batch the frontend had already handed to the dying worker's socket.
+    assert len(failures) <= 16, failures
+    assert all(isinstance(status, int) and 500 <= status < 600 for status, _ in failures), failures
+    assert victim not in {int(p) for p in worker_pids(served)["cifar10/1.0"]}
 
 
 def test_stop_under_load_then_restart_serves_the_same_versions(tmp_path, model_store):
+    """SIGTERM under load: java takes its workers down itself (nothing left for stop() to kill), every client
+    gets an answer or a refused/reset connection, and a restart serves the same versions."""
     server = TorchServe.on_free_ports(ROOT / "config.properties", tmp_path / "run", model_store)
     server.start(timeout=240)
     try:
         url = f"{server.url('inference')}/predictions/cifar10"
-        stop = threading.Event()
-        errors: list[str] = []
-
-        def load():
-            while not stop.is_set():
-                try:
-                    requests.put(url, data=CAT, timeout=10)
-                except requests.RequestException:
-                    pass  # refused or reset while the server goes down: expected
-
-        threads = [threading.Thread(target=load) for _ in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(2)
-        java = server.pid()
-        started = time.monotonic()
-        assert server.stop(timeout=60)
-        stopped_in = time.monotonic() - started
-        stop.set()
-        for t in threads:
-            t.join()
+        with Load(url, threads=8, timeout=60) as load:
+            load.wait_for_successes(50)
+            java = server.pid()
+            workers = [int(w["pid"]) for d in server.describe("cifar10") for w in d["workers"]]
+            assert server.stop(timeout=60)
         assert not psutil.pid_exists(java) or psutil.Process(java).status() == psutil.STATUS_ZOMBIE
-        leftovers = [p for p in psutil.process_iter(["cmdline"])
-                     if any(str(server.tmp_dir) in part for part in p.info["cmdline"] or [])]
-        assert leftovers == [] and not errors
-        print(f"\nstop under load took {stopped_in:.1f} s")
+        assert server.orphans_killed == 0, "workers outlived java: stop() had to kill them"
+        assert not [pid for pid in workers if psutil.pid_exists(pid) and
+                    psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        # While it goes down a client sees an answer (200, or a 5xx for work cut short), or a refused or dropped
+        # connection; never a 4xx or a hang (a ReadTimeout).
+        unexpected = [(status, latency) for status, latency in load.results
+                      if not (status == 200 or (isinstance(status, int) and 500 <= status < 600)
+                              or status in ("ConnectionError", "ChunkedEncodingError"))]
+        assert unexpected == [], unexpected
         server.start(timeout=240)
         expected = {(d["modelName"], d["modelVersion"]) for model in ("cifar10", "mnist")
                     for d in describe(server, model)}
