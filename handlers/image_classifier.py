@@ -5,6 +5,12 @@ runs `preprocess` (every request row → images, one uint8 tensor for the whole 
 operation), `inference` (one forward pass) and `postprocess` (top-k per image, one JSON body per request).
 A row that cannot be served gets its own 4xx through `context.set_response_status`; the rest of the batch
 still answers 200, and no input can raise out of `handle` and cost the batch or the worker.
+
+Every decision is made per request, from that request's own headers: TorchServe's base `handle` decides the
+whole batch from the first request's `explain` / `describe` headers, so one client could fail everyone else's
+requests. The work one request may cause is bounded too (`Limits`): pixels per request and per batch, checked
+from the image headers before anything is decoded, and a deadline per batch well inside the frontend's
+response timeout, so no request can make the frontend declare the worker dead.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +30,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import payload
-from handlers.imaging import InputError, Limits, decode_image
+from handlers.imaging import InputError, Limits, decode_opened, open_image
 from handlers.payload import Batch
 from models.inference import TTA_LEVELS, tta_logits
 from models.specs import DatasetSpec
@@ -31,6 +38,7 @@ from models.specs import DatasetSpec
 logger = logging.getLogger(__name__)
 
 TOPK_HEADERS = ("x-topk", "topk")
+RETRY_AFTER_S = 1  # a request refused for lack of batch budget or time succeeds when sent again
 
 
 class ImageClassifier(BaseHandler):
@@ -124,34 +132,108 @@ class ImageClassifier(BaseHandler):
                              f"{json.dumps(expected)} (channels, height, width); omit shape to let the server "
                              "resize any image", error_type="ShapeMismatch")
 
-    def _decode_row(self, row: dict, idx: int) -> tuple[list[np.ndarray], str, int]:
+    def handle(self, data: list[dict], context: Any) -> list[bytes]:
+        """One server-side batch → one answer per request, each decided from that request alone.
+
+        A `describe` request (the management API's `?customized=true`) gets this model's description, an
+        `explain` request (`/explanations`) its own 501; the other requests of the batch are predicted as usual.
+        """
+        started = time.time()
+        self.context = context
+        output = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round((time.time() - started) * 1000, 2), None, "ms")
+        return output
+
+    def _header(self, idx: int, name: str) -> str | None:
+        value = self.context.get_request_header(idx, name)
+        return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+
+    def describe(self) -> dict:
+        """What `GET :8081/models/<model>/<version>?customized=true` shows as customizedMetadata."""
+        return {"model": self.spec.name, "version": self.version, "labels": self.labels, "topk": self.topk,
+                "input": {"shape": list(self.spec.input_shape)}, "tta": self.tta,
+                "limits": {k: getattr(self.limits, k) for k in Limits.__dataclass_fields__}}
+
+    def _open_row(self, row: dict, idx: int) -> tuple[list[tuple[Any, str]], str, int, int]:
+        """Parse one request and open its images' headers: (images with where they came from, form, k, cost)."""
         request = payload.parse(row, self.limits)
         topk = self._request_topk(request, idx)
-        pixels = []
+        opened, cost = [], 0
         for item in request.items:
             self._check_shape(item)
             try:
-                pixels.append(decode_image(item.data, self.spec.image_size, self.spec.channels, self.limits,
-                                           self.spec.light_on_dark))
+                image, pixels = open_image(item.data, self.spec.image_size, self.spec.channels, self.limits)
             except InputError as exc:
                 raise exc if item.where == "body" else exc.at(item.where) from None
-        return pixels, request.form, topk
+            opened.append((image, item.where))
+            cost += pixels
+        if cost > self.limits.max_request_pixels:
+            raise InputError(f"the request's {len(opened)} image(s) decode to {cost:,} pixels; the limit is "
+                             f"{self.limits.max_request_pixels:,} pixels per request (a JPEG counts at the reduced "
+                             "scale it is decoded at): send fewer or smaller images", status=413,
+                             error_type="RequestTooExpensive")
+        return opened, request.form, topk, cost
+
+    def _decode(self, opened: list[tuple[Any, str]]) -> list[np.ndarray]:
+        pixels = []
+        for image, where in opened:
+            try:
+                pixels.append(decode_opened(image, self.spec.image_size, self.spec.channels,
+                                            self.spec.light_on_dark))
+            except InputError as exc:
+                raise exc if where == "body" else exc.at(where) from None
+        return pixels
+
+    def _open(self, row: dict, idx: int) -> Any:
+        """First pass over one request, headers only: DESCRIBE, or (opened images, form, k, pixel cost).
+        Raises InputError for a request answered on its own."""
+        if self._header(idx, "describe") == "True":
+            return payload.DESCRIBE
+        if self._header(idx, "explain") == "True":
+            raise InputError("explanations are not available for this model yet; /predictions answers the same "
+                             "request", status=501, error_type="NotImplemented")
+        return self._open_row(row, idx)
 
     def preprocess(self, data: list[dict]) -> Batch:
-        """Decode every row; stack all images once and normalise them in one tensor operation."""
-        pixels: list[np.ndarray] = []
-        plans: list[InputError | tuple[int, int, str, int]] = []
+        """Decode every request within the batch's budgets; stack all images once and normalise them in one go.
+
+        Headers are read first for the whole batch; then requests are decoded cheapest first, so a small request
+        batched with expensive ones is never the one that runs out of pixel budget or time. Past the batch's
+        pixel budget or its deadline a request answers 503 with Retry-After, undecoded; the first request
+        decoded is always served.
+        """
+        plans: list[Any] = []
         for idx, row in enumerate(data):
             try:
-                images, form, topk = self._decode_row(row, idx)
+                plans.append(self._open(row, idx))
             except InputError as exc:
                 plans.append(exc)
-                continue
             except Exception as exc:  # a request shape no rule foresaw: still this request's problem alone
                 logger.exception("request %d could not be read", idx)
                 plans.append(InputError(f"the request could not be read ({type(exc).__name__}); {payload.EXPECTED}"))
+        deadline = time.monotonic() + self.limits.batch_deadline_ms / 1000
+        spent, decoded = 0, False
+        pixels: list[np.ndarray] = []
+        for idx in sorted((i for i, plan in enumerate(plans) if isinstance(plan, tuple)), key=lambda i: plans[i][3]):
+            opened, form, topk, cost = plans[idx]
+            if decoded and time.monotonic() > deadline:
+                plans[idx] = InputError(f"this server-side batch ran past its {self.limits.batch_deadline_ms} ms "
+                                        "deadline before reaching the request; send it again", status=503,
+                                        error_type="Busy", retry_after=RETRY_AFTER_S)
                 continue
-            plans.append((len(pixels), len(images), form, topk))
+            if decoded and spent + cost > self.limits.max_batch_pixels:
+                plans[idx] = InputError(f"the server-side batch this request joined has no decoding budget left "
+                                        f"({self.limits.max_batch_pixels:,} pixels per batch); send it again",
+                                        status=503, error_type="Busy", retry_after=RETRY_AFTER_S)
+                continue
+            decoded = True
+            try:
+                images = self._decode(opened)
+            except InputError as exc:
+                plans[idx] = exc
+                continue
+            spent += cost
+            plans[idx] = (len(pixels), len(images), form, topk)
             pixels.extend(images)
         size, channels = self.spec.image_size, self.spec.channels
         stacked = np.stack(pixels) if pixels else np.empty((0, size, size, channels), dtype=np.uint8)
@@ -185,7 +267,12 @@ class ImageClassifier(BaseHandler):
             self.context.set_response_header(idx, "X-Batch-Size", batch_size)
             if isinstance(plan, InputError):
                 self.context.set_response_status(plan.status, plan.phrase, idx)
+                if plan.retry_after is not None:
+                    self.context.set_response_header(idx, "Retry-After", str(plan.retry_after))
                 results.append(json.dumps(plan.body(), separators=(",", ":")).encode())
+                continue
+            if plan == payload.DESCRIBE:
+                results.append(json.dumps(self.describe(), separators=(",", ":")).encode())
                 continue
             start, count, form, k = plan
             answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k], strict=True)}

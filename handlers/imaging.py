@@ -25,15 +25,21 @@ _BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/=_\-\s]+$")
 
 
 class InputError(Exception):
-    """A request the client must fix: carries the HTTP status and a message that says what is accepted."""
+    """A request answered on its own: the HTTP status and a message that says what is accepted.
 
-    PHRASES = {400: "Bad Request", 413: "Payload Too Large"}
+    Mostly the client's to fix (4xx). 503 with `retry_after` means the request was fine but the server-side
+    batch it landed in had no budget or time left for it: the same request succeeds when sent again.
+    """
 
-    def __init__(self, message: str, status: int = 400, error_type: str = "InvalidInput") -> None:
+    PHRASES = {400: "Bad Request", 413: "Payload Too Large", 501: "Not Implemented", 503: "Service Unavailable"}
+
+    def __init__(self, message: str, status: int = 400, error_type: str = "InvalidInput",
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.error_type = error_type
+        self.retry_after = retry_after
 
     @property
     def phrase(self) -> str:
@@ -44,17 +50,27 @@ class InputError(Exception):
 
     def at(self, where: str) -> InputError:
         """The same error, its message prefixed with where in the request it happened (`data[2]`)."""
-        return InputError(f"{where}: {self.message}", self.status, self.error_type)
+        return InputError(f"{where}: {self.message}", self.status, self.error_type, self.retry_after)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-image limits; documented in the README and configurable in the archive's model-config YAML."""
+    """What one request, and one server-side batch, may cost; documented in the README and configurable in the
+    archive's model-config YAML.
+
+    Decoding costs CPU in proportion to the pixels decoded (measured 11-51 ns per pixel across PNG, WebP, GIF
+    and TIFF, an RGBA PNG the worst, on this project's 2-core AMD EPYC host; a JPEG is decoded at 1/2-1/8 scale
+    in draft mode and counted at that scale). Pixel budgets are checked from the image headers before anything
+    is decoded; the README has the arithmetic.
+    """
 
     max_bytes: int = 5 * 1024 * 1024
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 4096 * 4096  # per image, as its header declares it (decompression bombs)
     min_side: int = 8
     max_images: int = 64
+    max_request_pixels: int = 12_000_000  # per request, summed over its images: ≤ 0.61 s at the worst 51 ns/pixel
+    max_batch_pixels: int = 24_000_000  # per server-side batch; rows past it answer 503 + Retry-After
+    batch_deadline_ms: int = 10_000  # rows not started by then answer 503; well inside responseTimeout (30 s)
 
 
 def decode_base64(text: str | bytes) -> bytes:
@@ -95,13 +111,9 @@ def _to_gray_or_rgb(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
-def decode_image(data: bytes, size: int, channels: int, limits: Limits, light_on_dark: bool = False) -> np.ndarray:
-    """Image bytes in any format Pillow reads → uint8 array (size, size, channels), as training saw them.
-
-    Non-square images are centre-cropped to a square, then resized (Pillow's bilinear filter, which
-    antialiases when shrinking). For `light_on_dark` data sets (MNIST) an image whose border is mostly light,
-    a dark digit on paper, is inverted to MNIST's light ink on a dark background.
-    """
+def open_image(data: bytes, size: int, channels: int, limits: Limits) -> tuple[Image.Image, int]:
+    """Read only the image's header: check its size against the limits and return the opened image with the
+    pixels decoding it will cost (for a JPEG, at the reduced scale draft mode decodes it at)."""
     if not data:
         raise InputError("the image is empty (0 bytes); send PNG, JPEG, BMP, GIF, WebP or TIFF bytes",
                          error_type="EmptyInput")
@@ -121,24 +133,50 @@ def decode_image(data: bytes, size: int, channels: int, limits: Limits, light_on
                                  f"{limits.min_side} pixels", error_type="ImageTooSmall")
             if image.format == "JPEG":
                 image.draft("L" if channels == 1 else "RGB", (size, size))  # decode at 1/2, 1/4 or 1/8 scale
+    except InputError:
+        raise
+    except Exception as exc:  # Pillow raises many types for corrupt input; all of them are the client's to fix.
+        raise _undecodable(exc) from None
+    return image, image.size[0] * image.size[1]
+
+
+def decode_opened(image: Image.Image, size: int, channels: int, light_on_dark: bool = False) -> np.ndarray:
+    """An image from `open_image` → uint8 array (size, size, channels), as training saw them.
+
+    Non-square images are centre-cropped to a square, then resized (Pillow's bilinear filter, which
+    antialiases when shrinking). For `light_on_dark` data sets (MNIST) an image whose border is mostly light,
+    a dark digit on paper, is inverted to MNIST's light ink on a dark background.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             image.load()
             image = ImageOps.exif_transpose(image) or image
             image = _to_gray_or_rgb(image, channels)
             if image.size != (size, size):
                 image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
-    except InputError:
-        raise
-    except Exception as exc:  # Pillow raises many types for corrupt input; all of them are the client's to fix.
-        reason = ("no image format recognised" if isinstance(exc, UnidentifiedImageError)
-                  else f"{type(exc).__name__}: {exc}")
-        raise InputError(f"not a decodable image ({reason}); send PNG, JPEG, BMP, GIF, WebP or TIFF bytes",
-                         error_type="InvalidImage") from None
+    except Exception as exc:
+        raise _undecodable(exc) from None
     if channels == 1:
         pixels = pixels[:, :, None]
         if light_on_dark and _border_is_light(pixels):
             pixels = 255 - pixels
     return pixels
+
+
+def decode_image(data: bytes, size: int, channels: int, limits: Limits, light_on_dark: bool = False) -> np.ndarray:
+    """Image bytes in any format Pillow reads → uint8 array (size, size, channels): `open_image` then
+    `decode_opened`, for callers that budget one image at a time."""
+    image, _ = open_image(data, size, channels, limits)
+    return decode_opened(image, size, channels, light_on_dark)
+
+
+def _undecodable(exc: Exception) -> InputError:
+    reason = ("no image format recognised" if isinstance(exc, UnidentifiedImageError)
+              else f"{type(exc).__name__}: {exc}")
+    return InputError(f"not a decodable image ({reason}); send PNG, JPEG, BMP, GIF, WebP or TIFF bytes",
+                      error_type="InvalidImage")
 
 
 def _border_is_light(pixels: np.ndarray) -> bool:

@@ -16,6 +16,7 @@ import torch
 from handlers.imaging import InputError, Limits, decode_base64, looks_like_base64
 
 SINGLE, LIST, KSERVE = "single", "list", "kserve"
+DESCRIBE = "describe"  # the plan of a request that asks for the model's description, not a prediction
 PARAMETERS = ("topk",)  # multipart fields that are options, not images
 EXPECTED = ('send image bytes (curl -T img.png), a multipart file, base64 text, or JSON: {"data": "<base64>"}, '
             '{"data": ["<base64>", ...]}, {"data": [{"content_type": "image/png", "data": "<base64>", '
@@ -43,8 +44,8 @@ class Batch:
     """What flows through preprocess → inference → postprocess for one server-side batch."""
 
     images: torch.Tensor
-    # Per request row: the InputError to answer, or (first image index, image count, form, k).
-    plans: list[InputError | tuple[int, int, str, int]]
+    # Per request row: the InputError to answer, DESCRIBE, or (first image index, image count, form, k).
+    plans: list[InputError | str | tuple[int, int, str, int]]
     probabilities: torch.Tensor | None = None
 
 

@@ -268,3 +268,51 @@ def test_shipped_weights_classify_real_images_through_the_handler(harness, valid
     accuracy = (predictions == val_labels).float().mean().item()
     # 1,000 of the 5,000 validation images: the sample's accuracy is within 4 points of the card's (>4 sigma).
     assert abs(accuracy - plain) < 0.04, (accuracy, plain)
+
+
+def test_a_request_over_its_pixel_budget_is_refused_from_the_headers(harness):
+    """The budget is the sum over the request's images, checked before any of them is decoded."""
+    h = harness("cifar10", handler={"max_request_pixels": 3000})
+    status, body = h.one({"body": {"data": [b64(images.encode(images.noise(40, 40, seed=i))) for i in range(2)]}})
+    assert status == 413 and body["type"] == "RequestTooExpensive" and "3,200 pixels" in body["message"]
+    status, _ = h.one({"body": {"data": [b64(images.encode(images.noise(40, 40)))]}})
+    assert status == 200
+    # A JPEG counts at the scale draft mode decodes it at (1/8 of each side here): 1600×1600 → 200×200 = 40,000.
+    jpeg = images.encode(images.noise(1600, 1600), "JPEG", quality=90)
+    status, body = harness("cifar10", handler={"max_request_pixels": 40_000}).one({"body": jpeg})
+    assert status == 200, body
+
+
+def test_past_the_batch_budget_the_costliest_rows_answer_503_with_retry_after(harness):
+    """Requests are decoded cheapest first, so the expensive one is refused and the small ones are served."""
+    h = harness("cifar10", handler={"max_request_pixels": 2000, "max_batch_pixels": 2000})
+    rows = [{"body": images.encode(images.noise(40, 40))},   # 1,600 pixels: decoded last, 400 + 1,024 + 1,600 > 2,000
+            {"body": images.encode(images.noise(32, 32))},   # 1,024: decoded second
+            {"body": images.encode(images.noise(20, 20))}]   # 400: decoded first
+    results = h.run(rows)
+    assert [status for status, _ in results] == [503, 200, 200]
+    assert results[0][1]["type"] == "Busy" and "send it again" in results[0][1]["message"]
+    assert h.context.get_response_headers(0).get("Retry-After") == "1"
+    assert "Retry-After" not in h.context.get_response_headers(1)
+    assert h.run(rows[:1])[0][0] == 200  # alone, the same request fits its batch
+
+
+def test_rows_after_the_batch_deadline_answer_503_and_the_first_is_always_served(harness):
+    """A 1 ms deadline: decoding the first (1-megapixel) request takes longer on any host (≥ 10 ns a pixel)."""
+    h = harness("cifar10", handler={"batch_deadline_ms": 1})
+    rows = [{"body": images.encode(images.noise(side, side, seed=side))} for side in (1000, 1100, 1200)]
+    results = h.run(rows)
+    assert [status for status, _ in results] == [200, 503, 503]
+    assert results[1][1]["type"] == "Busy" and "deadline" in results[1][1]["message"]
+    assert h.context.get_response_headers(2).get("Retry-After") == "1"
+
+
+def test_explain_and_describe_are_decided_per_request(harness):
+    """One request's headers never decide another's answer (TorchServe's base handler reads only the first)."""
+    h = harness("cifar10")
+    rows = [{"body": PNG}] * 4
+    results = h.run(rows, [{"explain": "True"}, {}, {"describe": "True"}, {}])
+    assert results[0][0] == 501 and results[0][1]["type"] == "NotImplemented"
+    assert results[1][0] == results[3][0] == 200 and next(iter(results[1][1])) in CIFAR10.classes
+    assert results[2][0] == 200 and results[2][1]["labels"] == list(CIFAR10.classes)
+    assert results[2][1]["limits"]["max_request_pixels"] > 0

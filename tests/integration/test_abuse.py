@@ -1,0 +1,131 @@
+"""No client can kill a worker or fail another client's request (SECURITY.md): expensive-but-valid requests
+inside every limit, and per-request headers that TorchServe's base handler would apply to a whole batch."""
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from serving.catalog import ROOT
+from tests.integration.test_reliability import worker_pids
+
+CAT = (ROOT / "examples" / "cat.png").read_bytes()
+RESPONSE_TIMEOUT_S = 30  # model-config responseTimeout: past it the frontend answers 500 and kills the worker
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def expensive() -> list[tuple[str, dict, tuple[int, ...]]]:
+    """(name, requests.post kwargs, accepted statuses): each costs seconds of CPU without the budgets. 200 or
+    503 (its batch's budget spent: retry) for requests inside the per-request budget, 413 for those over it."""
+    side = 3464  # 3464² = 11,999,296 pixels: just inside max_request_pixels (12,000,000)
+    grey = Image.new("RGB", (side, side), (128, 128, 128))
+    gradient = Image.fromarray(np.tile((np.arange(side) % 256).astype(np.uint8)[None, :, None], (side, 1, 3)))
+    big_grey = encode(Image.new("RGB", (4096, 4096), (128, 128, 128)), "PNG")
+    tile = encode(Image.new("RGB", (433, 433), (90, 90, 90)), "PNG")  # 64 × 433² = 11,999,296
+    big_tile = encode(Image.new("RGB", (1024, 1024), (90, 90, 90)), "PNG")
+    inside, over = (200, 503), (413,)
+    return [
+        ("64 × 4096² PNG in one JSON body (the measured bomb)", {"json": {"data": [b64(big_grey)] * 64}}, over),
+        ("one 4096² PNG: over the request budget", {"data": big_grey}, over),
+        ("multipart 64 × 1024² PNG", {"files": {f"f{i}": big_tile for i in range(64)}}, over),
+        ("RGBA PNG 3464²", {"data": encode(grey.convert("RGBA"), "PNG")}, inside),
+        ("16-bit PNG 3464²", {"data": encode(Image.new("I;16", (side, side), 30000), "PNG")}, inside),
+        ("WebP lossy 3464²", {"data": encode(gradient, "WEBP", quality=80)}, inside),
+        ("GIF 3464²", {"data": encode(grey.convert("P"), "GIF")}, inside),
+        ("TIFF float deflate 3464²", {"data": encode(Image.new("F", (side, side), 0.5), "TIFF",
+                                                     compression="tiff_adobe_deflate")}, inside),
+        ("progressive JPEG 4096²", {"data": encode(Image.fromarray(np.tile(
+            (np.arange(4096) % 256).astype(np.uint8)[None, :, None], (4096, 1, 3))), "JPEG", quality=95,
+            progressive=True)}, inside),
+        ("multipart 64 × 433² PNG", {"files": {f"f{i}": tile for i in range(64)}}, inside),
+        ("base64 list 64 × 433² PNG", {"json": {"data": [b64(tile)] * 64}}, inside),
+    ]
+
+
+def test_expensive_requests_at_once_with_good_ones_kill_nothing(served, predict_url, expensive):
+    """16 threads: every expensive case twice among 64 good requests. No 5xx but a 503 with Retry-After, no
+    worker restarted, every answer inside the response timeout, and every good request answered 200."""
+    url = predict_url("cifar10")
+    pids = worker_pids(served)
+    jobs = [("bad", case) for case in expensive] * 2 + [("good", None)] * 64
+    jobs = [jobs[(i * 29) % len(jobs)] for i in range(len(jobs))]
+
+    def send(job):
+        kind, case = job
+        started = time.monotonic()
+        response = (requests.put(url, data=CAT, timeout=120) if kind == "good"
+                    else requests.post(url, timeout=120, **case[1]))
+        return kind, case, response, time.monotonic() - started
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, jobs))
+    served_expensive = 0
+    for kind, case, response, latency in results:
+        assert latency < RESPONSE_TIMEOUT_S, (kind, case and case[0], latency)
+        if kind == "good":
+            assert response.status_code == 200 and next(iter(response.json())) == "cat", response.text[:200]
+            continue
+        name, _, accepted = case
+        assert response.status_code in accepted, (name, response.status_code, response.text[:300])
+        body = response.json()
+        if response.status_code == 503:
+            assert body["type"] == "Busy" and response.headers.get("Retry-After") == "1", (name, body)
+        elif response.status_code == 413:
+            assert body["type"] in ("RequestTooExpensive", "ImageTooLarge"), (name, body)
+        else:
+            served_expensive += 1
+    assert served_expensive > 0  # the budgets refuse what is over them, not everything expensive
+    assert worker_pids(served) == pids  # no worker died or was restarted
+    assert requests.put(url, data=CAT, timeout=30).status_code == 200
+
+
+def test_explanation_and_describe_requests_never_fail_other_clients(served):
+    """2 clients on /explanations and 1 sending `describe: True` beside 13 predicting: every prediction 200."""
+    inference = served.url("inference")
+
+    def client(kind: str) -> list[requests.Response]:
+        session = requests.Session()
+        if kind == "explain":
+            return [session.post(f"{inference}/explanations/cifar10", data=CAT, timeout=60) for _ in range(20)]
+        headers = {"describe": "True"} if kind == "describe" else {}
+        return [session.put(f"{inference}/predictions/cifar10", data=CAT, headers=headers, timeout=60)
+                for _ in range(20)]
+
+    kinds = ["explain"] * 2 + ["describe"] + ["predict"] * 13
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        answers = dict(enumerate(pool.map(client, kinds)))
+    batched = 0
+    for i, kind in enumerate(kinds):
+        for response in answers[i]:
+            batched = max(batched, int(response.headers.get("X-Batch-Size", 1)))
+            if kind == "explain":
+                assert response.status_code == 501 and response.json()["type"] == "NotImplemented"
+            elif kind == "describe":
+                assert response.status_code == 200 and response.json()["labels"][3] == "cat"
+            else:
+                assert response.status_code == 200 and next(iter(response.json())) == "cat", response.text[:200]
+    assert batched > 1  # the requests did share batches
+
+
+def test_the_management_api_describes_the_handler(served):
+    response = requests.get(f"{served.url('management')}/models/cifar10/2.0", params={"customized": "true"},
+                            timeout=30)
+    assert response.status_code == 200, response.text
+    metadata = response.json()[0]["customizedMetadata"]
+    assert metadata["version"] == "2.0" and metadata["limits"]["max_request_pixels"] == 12_000_000
