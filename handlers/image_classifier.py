@@ -148,6 +148,12 @@ class ImageClassifier(BaseHandler):
         value = self.context.get_request_header(idx, name)
         return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
 
+    def _via_grpc(self, idx: int) -> bool:
+        """A gRPC request carries no HTTP headers, only a content-type entry per input: every REST request
+        (inference, explanations, the management API's describe) has string headers such as `explain`."""
+        headers = self.context.get_all_request_header(idx) or {}
+        return all(isinstance(value, dict) for value in headers.values())
+
     def describe(self) -> dict:
         """What `GET :8081/models/<model>/<version>?customized=true` shows as customizedMetadata."""
         return {"model": self.spec.name, "version": self.version, "labels": self.labels, "topk": self.topk,
@@ -263,6 +269,12 @@ class ImageClassifier(BaseHandler):
             # Which version answered, and how many requests shared its server-side batch: what a rollout or a
             # batching configuration is judged by, at the cost of two short headers.
             self.context.set_response_content_type(idx, "application/json")
+            if self._via_grpc(idx):
+                # Every answer is complete in one message. The frontend's gRPC StreamPredictions reads this header
+                # on each response and fails the worker when it is absent; "false" ends that stream after this
+                # message. Only for gRPC: on a REST request the same header switches the frontend to a chunked
+                # response that never completes.
+                self.context.set_response_header(idx, "ts_stream_next", "false")
             self.context.set_response_header(idx, "X-Model-Version", self.version)
             self.context.set_response_header(idx, "X-Batch-Size", batch_size)
             if isinstance(plan, InputError):
