@@ -6,7 +6,11 @@
     python -m client promote cifar10 2.0
     python -m client rollback cifar10
     python -m client scale cifar10 --workers 3 [--version 2.0]
-    python -m client unregister cifar10 1.0
+    python -m client unregister cifar10 2.0 [--drain-timeout 30] [--force]
+
+`unregister`, and `scale` to 0 workers, first wait until the version has answered nothing for 2 s (nobody
+sending, nothing in flight), up to --drain-timeout seconds, and refuse if it stays busy: TorchServe drops the
+queued requests of a retired version unanswered. --force skips the wait.
 
 With token authorization on (the prod profile), pass --key-file logs/key_file.json.
 """
@@ -24,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inference-url", default="http://127.0.0.1:8080")
     p.add_argument("--management-url", default="http://127.0.0.1:8081")
+    p.add_argument("--metrics-url", default="http://127.0.0.1:8082", help="where unregister/scale watch a drain")
     p.add_argument("--key-file", type=Path, help="TorchServe's key_file.json, when token authorization is on")
     sub = p.add_subparsers(dest="command", required=True)
     predict = sub.add_parser("predict", help="top-k labels for each image")
@@ -43,14 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("model")
     scale.add_argument("--workers", type=int, required=True)
     scale.add_argument("--version")
-    unregister = sub.add_parser("unregister", help="retire a version")
+    unregister = sub.add_parser("unregister", help="retire a version once it has drained")
     unregister.add_argument("model")
     unregister.add_argument("version")
+    for command in (scale, unregister):
+        command.add_argument("--drain-timeout", type=float, default=30.0,
+                             help="seconds to wait for the version to go quiet before refusing")
+        command.add_argument("--force", action="store_true", help="do not wait (queued requests go unanswered)")
     return p
 
 
 def run(args: argparse.Namespace) -> None:
-    urls = {"inference_url": args.inference_url, "management_url": args.management_url}
+    urls = {"inference_url": args.inference_url, "management_url": args.management_url,
+            "metrics_url": args.metrics_url}
     client = TorchServeClient.from_key_file(args.key_file, **urls) if args.key_file else TorchServeClient(**urls)
     if args.command == "predict":
         for path in args.images:
@@ -68,9 +78,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "rollback":
         print(f"{args.model}: default is now {client.rollback(args.model)}")
     elif args.command == "scale":
-        print(client.scale(args.model, args.workers, args.version))
+        print(client.scale(args.model, args.workers, args.version, args.force, args.drain_timeout))
     elif args.command == "unregister":
-        print(client.unregister(args.model, args.version))
+        print(client.unregister(args.model, args.version, args.force, args.drain_timeout))
 
 
 def main(argv: list[str] | None = None) -> int:

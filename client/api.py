@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,16 @@ class ServerError(RuntimeError):
         self.message = message
 
 
+class NotDrained(ServerError):
+    """A version kept answering requests for the whole drain window: retiring it now would strand its queue."""
+
+    def __init__(self, model: str, version: str, rate: float, waited: float) -> None:
+        super().__init__(409, f"{model} {version} still answers {rate:.1f} requests/s after {waited:.0f} s of "
+                              "waiting; stop sending to it (promote or roll back first if it is the default), "
+                              "or pass --force (TorchServe 0.12 then drops its queued requests unanswered: their "
+                              "clients wait until their own timeout)")
+
+
 def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in version.split("."))
 
@@ -25,9 +37,10 @@ def _version_key(version: str) -> tuple:
 class TorchServeClient:
     def __init__(self, inference_url: str = "http://127.0.0.1:8080", management_url: str = "http://127.0.0.1:8081",
                  inference_token: str | None = None, management_token: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, metrics_url: str = "http://127.0.0.1:8082") -> None:
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
+        self.metrics_url = metrics_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
         self._auth = {"inference": inference_token, "management": management_token}
@@ -107,10 +120,54 @@ class TorchServeClient:
         self.promote(model, older[-1])
         return older[-1]
 
-    def scale(self, model: str, workers: int, version: str | None = None) -> str:
+    def answered(self, model: str, version: str) -> float:
+        """A count that grows with every request this version answers (Prometheus, :8082/metrics).
+
+        TorchServe labels a request by the version its URL names, and `default` when it names none; the
+        `default` count is included while this version is the default, as those requests are its own then.
+        """
+        labels = [version] + (["default"] if self.default_version(model) == version else [])
+        text = self.session.get(f"{self.metrics_url}/metrics", timeout=self.timeout).text
+        total = 0.0
+        for label in labels:
+            pattern = (rf'^ts_inference_requests_total{{(?=[^}}]*model_name="{re.escape(model)}")'
+                       rf'(?=[^}}]*model_version="{re.escape(label)}")[^}}]*}} ([0-9.eE+]+)$')
+            total += sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+        return total
+
+    def drain(self, model: str, version: str, quiet_s: float = 2.0, timeout_s: float = 30.0) -> float:
+        """Wait until `version` has answered no request for `quiet_s` seconds: nobody is sending to it and
+        nothing it accepted is still in flight. Returns the seconds waited; raises NotDrained after `timeout_s`.
+
+        TorchServe 0.12 offers no way to stop routing to a named version, and unregistering or scaling it to 0
+        drops its queued requests without an answer, so retiring it safely means waiting for it to go quiet.
+        """
+        started = time.monotonic()
+        count, quiet_since = self.answered(model, version), time.monotonic()
+        while time.monotonic() - quiet_since < quiet_s:
+            waited = time.monotonic() - started
+            if waited > timeout_s:
+                rate = (self.answered(model, version) - count) / max(time.monotonic() - quiet_since, 1e-3)
+                raise NotDrained(model, version, rate, waited)
+            time.sleep(0.25)
+            now = self.answered(model, version)
+            if now != count:
+                count, quiet_since = now, time.monotonic()
+        return time.monotonic() - started
+
+    def scale(self, model: str, workers: int, version: str | None = None, force: bool = False,
+              drain_timeout_s: float = 30.0) -> str:
+        """Set the version's workers; scaling to 0 drains first (see `drain`) unless `force`."""
         path = f"/models/{model}" + (f"/{version}" if version else "")
+        if workers == 0 and not force:
+            self.drain(model, version or self.default_version(model), timeout_s=drain_timeout_s)
         params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
         return self._call("management", "PUT", path, params=params)["status"]
 
-    def unregister(self, model: str, version: str) -> str:
+    def unregister(self, model: str, version: str, force: bool = False, drain_timeout_s: float = 30.0) -> str:
+        """Retire a version that is not the default, after it has drained (see `drain`) unless `force`."""
+        if not force:
+            if self.default_version(model) == version and len(self.versions(model)) > 1:
+                raise ServerError(403, f"{model} {version} is the default version; promote another one first")
+            self.drain(model, version, timeout_s=drain_timeout_s)
         return self._call("management", "DELETE", f"/models/{model}/{version}")["status"]

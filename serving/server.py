@@ -274,6 +274,21 @@ class TorchServe:
         models = json.loads(self.properties.get("models", "{}") or "{}")
         return {name: sorted(versions) for name, versions in models.items()}
 
+    def check_store(self) -> None:
+        """The model store is ours alone: TorchServe registers any archive found in it by name, following links,
+        so a store every user can write to, or a link in it pointing elsewhere, would let them run code as us.
+        (Group write is left to the owner's umask: Debian and Ubuntu give each user a private group.)"""
+        store = self.model_store.resolve()
+        if not store.is_dir():
+            raise StartupError(f"the model store {self.model_store} is not a folder: run `make archive` first")
+        if store.stat().st_mode & 0o002:
+            raise StartupError(f"the model store {store} is writable by every user (mode "
+                               f"{store.stat().st_mode & 0o777:o}); `chmod o-w {store}` before serving from it")
+        for entry in self.model_store.iterdir():
+            if entry.is_symlink() and not entry.resolve().is_relative_to(store):
+                raise StartupError(f"{entry} links to {entry.resolve()}, outside the model store; archives must "
+                                   "live in the store itself")
+
     def check_archives(self) -> None:
         """Every archive `load_models` names exists and matches the sha256 `make archive` recorded."""
         names = [n.strip() for n in self.properties.get("load_models", "").split(",") if n.strip()]
@@ -300,6 +315,7 @@ class TorchServe:
             return 0.0
         if shutil.which("java") is None:
             raise StartupError("java is not on PATH: TorchServe's frontend needs a JDK 17 (apt install openjdk-17-jdk)")
+        self.check_store()
         self.check_archives()
         started = time.monotonic()
         for attempt in range(1, PORT_ATTEMPTS + 1):

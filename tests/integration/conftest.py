@@ -62,7 +62,8 @@ def cli(served):
     """Run `python -m client ...` against the test server; returns the completed process."""
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "client", "--inference-url", served.url("inference"),
-                               "--management-url", served.url("management"), *args],
+                               "--management-url", served.url("management"), "--metrics-url",
+                               served.url("metrics"), *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=120, check=check)
     return run
 

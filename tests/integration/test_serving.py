@@ -152,7 +152,7 @@ def test_versioning_story_with_the_cli(served, cli, predict_url):
         assert "default is now 1.0" in cli("rollback", "cifar10").stdout
         assert answered_by(predict_url) == "1.0"
         failed = cli("unregister", "cifar10", "1.0", check=False)  # the default version cannot be removed
-        assert failed.returncode == 1 and "HTTP 403: Cannot remove default version" in failed.stderr
+        assert failed.returncode == 1 and "HTTP 403: cifar10 1.0 is the default version" in failed.stderr
         cli("unregister", "cifar10", "2.0")
         assert [d["modelVersion"] for d in describe(served, "cifar10")] == ["1.0"]
         assert requests.put(predict_url("cifar10/2.0"), data=CAT, timeout=30).status_code == 404
