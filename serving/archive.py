@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,11 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
         extra = stage_extra_files(version.model, Path(tmp) / "extra")
         out_dir = Path(tmp) / "out"
         out_dir.mkdir()
+        # The archiver stages files in $TMPDIR/<model-name>/, a path shared by every build of that model on the
+        # machine: two builds at once (a test beside `make archive`) would corrupt each other. A private TMPDIR
+        # per build makes them independent.
+        staging = Path(tmp) / "staging"
+        staging.mkdir()
         subprocess.run(
             [str(Path(sys.executable).with_name("torch-model-archiver")),
              "--model-name", version.model, "--version", version.version,
@@ -58,7 +64,7 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
              "--handler", str(HANDLERS[version.model]), "--extra-files", str(extra),
              "--config-file", str(config_file or version.config_file),
              "--export-path", str(out_dir), "--force"],
-            check=True)
+            check=True, env=dict(os.environ, TMPDIR=str(staging)))
         target = export_path / version.archive_name
         shutil.move(out_dir / f"{version.model}.mar", target)
     target.with_name(target.name + ".sha256").write_text(f"{sha256_of(target)}  {target.name}\n")

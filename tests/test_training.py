@@ -230,3 +230,19 @@ def test_airbench_batchnorm_folding_is_exact():
         folded = model.fold_batchnorm()(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     torch.testing.assert_close(folded, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_archives_of_one_model_build_side_by_side(tmp_path):
+    """torch-model-archiver stages in $TMPDIR/<model-name>/; builds at once (a test beside `make archive`) must
+    not share it (one CI run failed on exactly that: FileNotFoundError /tmp/cifar10/cifar10.py)."""
+    import zipfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import archive
+
+    version = next(v for v in SHIPPED if v.version == "2.0")
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda i: archive.build(version, tmp_path / f"store{i}"), range(4)))
+    for path in built:
+        with zipfile.ZipFile(path) as zf:
+            assert zf.testzip() is None and "handlers/image_classifier.py" in zf.namelist()

@@ -2,6 +2,7 @@
 the server module never acts on another day's log lines or on a process that only reuses java's old pid."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -93,7 +94,8 @@ def test_a_handler_that_fails_to_import_is_named_with_its_own_traceback(tmp_path
     subprocess.run([str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", "mnist",
                     "--version", "1.0", "--model-file", str(ROOT / "models" / "mnist_convnet.py"),
                     "--serialized-file", str(ROOT / "models" / "weights" / "mnist_convnet.pt"),
-                    "--handler", str(handler), "--export-path", str(store), "--force"], check=True)
+                    "--handler", str(handler), "--export-path", str(store), "--force"], check=True,
+                   env=dict(os.environ, TMPDIR=str(tmp_path)))  # the archiver stages in $TMPDIR/<model-name>
     (store / "mnist.mar.sha256").write_text(f"{sha256_of(store / 'mnist.mar')}  mnist.mar\n")
     server = server_for(tmp_path, store)
     with pytest.raises(StartupError) as failure:
