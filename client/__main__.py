@@ -12,7 +12,8 @@
 sending, nothing in flight), up to --drain-timeout seconds, and refuse if it stays busy: TorchServe drops the
 queued requests of a retired version unanswered. --force skips the wait.
 
-With token authorization on (the prod profile), pass --key-file logs/key_file.json.
+The prod profile speaks TLS with tokens: pass --inference-url https://127.0.0.1:8443 --management-url
+https://127.0.0.1:8444 --metrics-url https://127.0.0.1:8445 --key-file logs/key_file.json --ca-cert certs/server.crt.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--management-url", default="http://127.0.0.1:8081")
     p.add_argument("--metrics-url", default="http://127.0.0.1:8082", help="where unregister/scale watch a drain")
     p.add_argument("--key-file", type=Path, help="TorchServe's key_file.json, when token authorization is on")
+    p.add_argument("--ca-cert", type=Path, help="certificate to trust for https:// URLs (prod: certs/server.crt)")
     sub = p.add_subparsers(dest="command", required=True)
     predict = sub.add_parser("predict", help="top-k labels for each image")
     predict.add_argument("images", nargs="+", type=Path)
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     urls = {"inference_url": args.inference_url, "management_url": args.management_url,
-            "metrics_url": args.metrics_url}
+            "metrics_url": args.metrics_url, "ca_cert": args.ca_cert}
     client = TorchServeClient.from_key_file(args.key_file, **urls) if args.key_file else TorchServeClient(**urls)
     if args.command == "predict":
         for path in args.images:

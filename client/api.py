@@ -37,12 +37,15 @@ def _version_key(version: str) -> tuple:
 class TorchServeClient:
     def __init__(self, inference_url: str = "http://127.0.0.1:8080", management_url: str = "http://127.0.0.1:8081",
                  inference_token: str | None = None, management_token: str | None = None,
-                 timeout: float = 60.0, metrics_url: str = "http://127.0.0.1:8082") -> None:
+                 timeout: float = 60.0, metrics_url: str = "http://127.0.0.1:8082",
+                 ca_cert: str | Path | None = None) -> None:
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.metrics_url = metrics_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if ca_cert:  # the prod profile's self-signed certificate, or your CA's
+            self.session.verify = str(ca_cert)
         self._auth = {"inference": inference_token, "management": management_token}
 
     @classmethod

@@ -98,9 +98,11 @@ def looks_like_base64(raw: bytes) -> bool:
 def _to_gray_or_rgb(image: Image.Image, channels: int) -> Image.Image:
     """Any Pillow mode → 'L' or 'RGB'. Transparent pixels become white, 16-bit samples are scaled, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        samples = np.asarray(image, dtype=np.float64)
+        samples = np.array(image, dtype=np.float32)  # a copy: exact for 16-bit samples, half float64's cost
         top = 65535.0 if image.mode.startswith("I;16") or samples.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(samples * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+        samples *= np.float32(255.0 / top)
+        samples += np.float32(0.5)
+        image = Image.fromarray(np.clip(samples, 0, 255, out=samples).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

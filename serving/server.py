@@ -79,21 +79,38 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def config_on_free_ports(source: Path, dest: Path, store: Path) -> Path:
-    """A copy of a config file with every port moved to a free one and the model store replaced, so a test or a
-    benchmark server runs beside `make serve` without touching it."""
-    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)), strict=True))
-    lines = []
+TLS_FILES = ("certificate_file", "private_key_file")
+
+
+def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | None = None,
+                 overrides: dict[str, str] | None = None) -> Path:
+    """The config TorchServe is started with: `source` with the model store replaced, TLS file paths made
+    absolute (they are relative to the source's folder; java runs in the run folder), and optionally every port
+    moved (the scheme kept) and some keys overridden."""
+    lines, overrides = [], dict(overrides or {})
     for line in source.read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key in ports:
-            port = ports[key]
-            line = f"{key}=http://127.0.0.1:{port}" if key.endswith("_address") else f"{key}={port}"
+        key, _, value = (part.strip() for part in line.partition("="))
+        if ports and key in ports:
+            scheme = urlparse(value).scheme or "http"
+            line = f"{key}={scheme}://127.0.0.1:{ports[key]}" if key.endswith("_address") else f"{key}={ports[key]}"
         elif key == "model_store":
             line = f"model_store={store}"
+        elif key in overrides:
+            line = f"{key}={overrides.pop(key)}"
+        elif key in TLS_FILES and not Path(value).is_absolute():
+            line = f"{key}={(source.parent / value).resolve()}"
         lines.append(line)
+    lines += [f"{key}={value}" for key, value in overrides.items()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("\n".join(lines) + "\n")
     return dest
+
+
+def config_on_free_ports(source: Path, dest: Path, store: Path, overrides: dict[str, str] | None = None) -> Path:
+    """A copy of a config file with every port moved to a free one and the model store replaced, so a test or a
+    benchmark server runs beside `make serve` without touching it."""
+    return write_config(source, dest, store, dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)), strict=True)),
+                        overrides)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -196,6 +213,7 @@ class TorchServe:
     model_store: Path
     run_dir: Path
     source_config: Path | None = None
+    overrides: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.properties = read_properties(self.config)
@@ -205,15 +223,17 @@ class TorchServe:
         self.orphans_killed = 0
 
     @classmethod
-    def on_free_ports(cls, profile_config: Path, run_dir: Path, model_store: Path) -> TorchServe:
+    def on_free_ports(cls, profile_config: Path, run_dir: Path, model_store: Path,
+                      overrides: dict[str, str] | None = None) -> TorchServe:
         """A server configured like `profile_config` but on free ports and with its own run folder, so that it
-        runs beside `make serve` (tests and benchmarks use this)."""
+        runs beside `make serve` (tests and benchmarks use this); `overrides` replace config keys."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        config = config_on_free_ports(profile_config, run_dir / profile_config.name, model_store)
-        return cls(config=config, model_store=model_store, run_dir=run_dir, source_config=profile_config)
+        config = config_on_free_ports(profile_config, run_dir / profile_config.name, model_store, overrides)
+        return cls(config=config, model_store=model_store, run_dir=run_dir, source_config=profile_config,
+                   overrides=overrides)
 
     def _move_to_new_ports(self) -> None:
-        config_on_free_ports(self.source_config, self.config, self.model_store)
+        config_on_free_ports(self.source_config, self.config, self.model_store, self.overrides)
         self.properties = read_properties(self.config)
 
     # --- addresses and auth -------------------------------------------------------------------------------
@@ -229,6 +249,14 @@ class TorchServe:
             host = self.properties.get(f"grpc_{api}_address", "0.0.0.0")
             ports.append((host, int(self.properties.get(f"grpc_{api}_port", default))))
         return ports
+
+    @property
+    def verify(self) -> str | bool:
+        """What `requests` should trust: the server's own certificate when the APIs speak TLS (self-signed
+        for local use), else the default."""
+        if urlparse(self.url("management")).scheme == "https":
+            return self.properties.get("certificate_file", True)
+        return True
 
     @property
     def key_file(self) -> Path:
@@ -289,6 +317,16 @@ class TorchServe:
                 raise StartupError(f"{entry} links to {entry.resolve()}, outside the model store; archives must "
                                    "live in the store itself")
 
+    def check_tls(self) -> None:
+        """A profile that speaks TLS needs its certificate and key before java starts (it would die later)."""
+        if not any(urlparse(self.url(api)).scheme == "https" for api in ("inference", "management", "metrics")):
+            return
+        for key in TLS_FILES:
+            path = self.properties.get(key)
+            if not path or not Path(path).is_file():
+                raise StartupError(f"{key} {path} is missing: this profile serves TLS; `make certs` writes a "
+                                   "self-signed pair for local use (real ones go at the same paths)")
+
     def check_archives(self) -> None:
         """Every archive `load_models` names exists and matches the sha256 `make archive` recorded."""
         names = [n.strip() for n in self.properties.get("load_models", "").split(",") if n.strip()]
@@ -317,6 +355,7 @@ class TorchServe:
             raise StartupError("java is not on PATH: TorchServe's frontend needs a JDK 17 (apt install openjdk-17-jdk)")
         self.check_store()
         self.check_archives()
+        self.check_tls()
         started = time.monotonic()
         for attempt in range(1, PORT_ATTEMPTS + 1):
             retry = self.source_config is not None and attempt < PORT_ATTEMPTS
@@ -412,7 +451,7 @@ class TorchServe:
 
     def describe(self, model: str) -> list[dict]:
         response = requests.get(f"{self.url('management')}/models/{model}/all", headers=self.headers("management"),
-                                timeout=5)
+                                timeout=5, verify=self.verify)
         response.raise_for_status()
         return response.json()
 
@@ -447,6 +486,7 @@ class TorchServe:
         except psutil.NoSuchProcess:
             pass  # it exited on its own between the check and the signal
         self.pid_file.unlink(missing_ok=True)
+        self.key_file.unlink(missing_ok=True)  # the keys die with the server; a new start writes new ones
         self.orphans_killed = self._kill_orphaned_workers()
         return True
 
@@ -468,8 +508,11 @@ class PortTaken(StartupError):
 
 
 def local(profile: str = "default") -> TorchServe:
-    """The server `make serve` runs: the profile's config, ./model_store, and logs/ as its run folder."""
-    return TorchServe(config=PROFILES[profile], model_store=ROOT / "model_store", run_dir=ROOT / "logs")
+    """The server `make serve` runs: the profile's config (as logs/<profile file>, with absolute TLS paths),
+    ./model_store, and logs/ as its run folder."""
+    run_dir, store = ROOT / "logs", ROOT / "model_store"
+    config = write_config(PROFILES[profile], run_dir / PROFILES[profile].name, store)
+    return TorchServe(config=config, model_store=store, run_dir=run_dir)
 
 
 def running_profile() -> str:
@@ -482,7 +525,8 @@ def print_status(server: TorchServe) -> None:
         print("TorchServe is not running (make serve starts it)")
         return
     print(f"TorchServe running (java pid {server.pid()}, config {server.config.name})")
-    models = requests.get(f"{server.url('management')}/models", headers=server.headers("management"), timeout=5)
+    models = requests.get(f"{server.url('management')}/models", headers=server.headers("management"), timeout=5,
+                          verify=server.verify)
     for entry in models.json().get("models", []):
         for version in server.describe(entry["modelName"]):
             workers = ", ".join(f"{w['pid']}:{w['status']}" for w in version.get("workers", [])) or "none"
@@ -537,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     if server.token("inference"):
         auth = ' -H "Authorization: Bearer $(.venv/bin/python -m serving.server token inference)"'
         print(f"  token auth  on: keys in {server.key_file}")
+    if server.verify is not True:
+        certificate = Path(server.verify)
+        auth += f" --cacert {certificate.relative_to(ROOT) if certificate.is_relative_to(ROOT) else certificate}"
     print(f"try:  curl{auth} -T examples/cat.png {inference}/predictions/cifar10")
     return 0
 

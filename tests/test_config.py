@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict
 from urllib.parse import urlparse
 
 import pytest
@@ -41,5 +43,30 @@ def test_profiles_differ_only_where_production_needs_it():
     assert default["disable_token_authorization"] == "true" and default["enable_model_api"] == "true"
     assert prod["disable_token_authorization"] == "false" and prod["enable_model_api"] == "false"
     assert int(prod["max_request_size"]) <= 1024 * 1024
-    for key in ("models", "load_models", "inference_address", "management_address", "metrics_mode"):
+    for key in ("models", "load_models", "metrics_mode", "allowed_urls"):
         assert default[key] == prod[key], key
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert urlparse(default[key]).scheme == "http" and urlparse(prod[key]).scheme == "https", key
+    assert prod["enable_grpc_ssl"] == "true" and prod["certificate_file"] and prod["private_key_file"]
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_no_url_can_register_an_archive(profile):
+    """allowed_urls is a regex that matches no URL at all (TorchServe matches the whole URL against it)."""
+    pattern = re.compile(read_properties(PROFILES[profile])["allowed_urls"], re.IGNORECASE)
+    for url in ("file:///tmp/x/model_store/e.mar", "file:///work/main/model_store/cifar10.mar",
+                "http://127.0.0.1:9/evil.mar", "https://example.org/model_store/a.mar", ""):
+        assert not pattern.fullmatch(url), url
+
+
+@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
+def test_yaml_limits_are_the_handlers_defaults_and_fit_the_response_timeout(version):
+    """The YAML documents the limits in force; a batch's deadline leaves most of responseTimeout spare, so a
+    slow batch answers 503 for its last requests instead of the frontend declaring the worker dead."""
+    from handlers.imaging import Limits
+
+    config = yaml.safe_load(version.config_file.read_text())
+    limits = {k: config["handler"][k] for k in Limits.__dataclass_fields__}
+    assert limits == asdict(Limits())
+    assert Limits().batch_deadline_ms <= config["responseTimeout"] * 1000 / 2
+    assert Limits().max_request_pixels <= Limits().max_batch_pixels

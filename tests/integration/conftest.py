@@ -28,9 +28,10 @@ def build_store(store: Path) -> Path:
 
 
 @contextmanager
-def running(run_dir: Path, profile_config: Path, store: Path) -> Iterator[TorchServe]:
+def running(run_dir: Path, profile_config: Path, store: Path,
+            overrides: dict[str, str] | None = None) -> Iterator[TorchServe]:
     """A started server on free ports, stopped (with any worker it left) however the block ends."""
-    server = TorchServe.on_free_ports(profile_config, run_dir, store)
+    server = TorchServe.on_free_ports(profile_config, run_dir, store, overrides)
     server.start(timeout=240)
     try:
         yield server
@@ -52,8 +53,13 @@ def served(tmp_path_factory, model_store):
 
 @pytest.fixture(scope="module")
 def served_prod(tmp_path_factory, model_store):
-    """TorchServe as config.prod.properties configures it: tokens on, model API off."""
-    with running(tmp_path_factory.mktemp("ts-prod"), ROOT / "config.prod.properties", model_store) as server:
+    """TorchServe as config.prod.properties configures it: TLS with a pair `make certs` would write, tokens on,
+    model API off."""
+    from serving.certs import generate
+
+    certificate, key = generate(tmp_path_factory.mktemp("certs"))
+    tls = {"certificate_file": str(certificate), "private_key_file": str(key)}
+    with running(tmp_path_factory.mktemp("ts-prod"), ROOT / "config.prod.properties", model_store, tls) as server:
         yield server
 
 

@@ -199,15 +199,45 @@ def test_cli_predict(cli):
 
 def test_production_profile_requires_tokens_and_refuses_the_model_api(served_prod):
     inference, management = served_prod.url("inference"), served_prod.url("management")
+    tls = {"verify": served_prod.verify, "timeout": 30}
     url = f"{inference}/predictions/cifar10"
-    assert requests.put(url, data=CAT, timeout=30).status_code in (400, 401)
-    assert requests.get(f"{management}/models", timeout=30).status_code in (400, 401)
+    assert requests.put(url, data=CAT, **tls).status_code in (400, 401)
+    assert requests.get(f"{management}/models", **tls).status_code in (400, 401)
     auth = {"Authorization": f"Bearer {served_prod.token('inference')}"}
-    answer = requests.put(url, data=CAT, headers=auth, timeout=30)
+    answer = requests.put(url, data=CAT, headers=auth, **tls)
     assert answer.status_code == 200 and next(iter(answer.json())) == "cat"
     manage = {"Authorization": f"Bearer {served_prod.token('management')}"}
-    assert requests.get(f"{management}/models", headers=manage, timeout=30).status_code == 200
-    register = requests.post(f"{management}/models", params={"url": "cifar10-2.0.mar"}, headers=manage, timeout=30)
+    assert requests.get(f"{management}/models", headers=manage, **tls).status_code == 200
+    register = requests.post(f"{management}/models", params={"url": "cifar10-2.0.mar"}, headers=manage, **tls)
     assert register.status_code == 405
-    too_big = requests.put(url, data=b"\0" * (2 * 1024 * 1024), headers=auth, timeout=30)
+    too_big = requests.put(url, data=b"\0" * (2 * 1024 * 1024), headers=auth, **tls)
     assert too_big.status_code == 413
+
+
+def test_production_profile_speaks_tls_only(served_prod):
+    """Every API is https with the configured certificate; plain http to the same ports is refused (TorchServe
+    answers 403 and closes), and a client that does not trust the certificate refuses to talk."""
+    for api in ("inference", "management", "metrics"):
+        address = served_prod.url(api)
+        assert address.startswith("https://127.0.0.1:"), address
+        plain = requests.put(address.replace("https://", "http://") + "/predictions/cifar10", data=CAT, timeout=10)
+        assert plain.status_code == 403 and "only accepts HTTPS" in plain.json()["status"]
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"{address}/ping", timeout=10)  # the system's CAs do not know a self-signed pair
+    assert requests.get(f"{served_prod.url('metrics')}/metrics", verify=served_prod.verify, timeout=30).ok
+    assert served_prod.properties["enable_grpc_ssl"] == "true"
+
+
+def test_production_keys_are_removed_on_stop(tmp_path, model_store):
+    from serving.certs import generate
+    from serving.server import TorchServe
+
+    certificate, key = generate(tmp_path / "certs")
+    server = TorchServe.on_free_ports(ROOT / "config.prod.properties", tmp_path / "run", model_store,
+                                      {"certificate_file": str(certificate), "private_key_file": str(key)})
+    server.start(timeout=240)
+    try:
+        assert server.key_file.is_file() and server.token("inference")
+    finally:
+        server.stop()
+    assert not server.key_file.exists()
