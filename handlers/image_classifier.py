@@ -29,13 +29,15 @@ import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import payload
+from handlers import oip, payload
 from handlers.imaging import InputError, Limits, decode_opened, open_image
 from handlers.payload import Batch
 from models.inference import TTA_LEVELS, tta_logits
 from models.specs import DatasetSpec
 
 logger = logging.getLogger(__name__)
+
+oip.disable_torchserve_envelopes()  # this handler speaks KServe v1/v2 per request (handlers/oip.py says why)
 
 TOPK_HEADERS = ("x-topk", "topk")
 RETRY_AFTER_S = 1  # a request refused for lack of batch budget or time succeeds when sent again
@@ -70,6 +72,7 @@ class ImageClassifier(BaseHandler):
         self.labels = self._labels(model_dir)
         self.num_classes = len(self.labels)
         self.version = str(self.manifest["model"].get("modelVersion", ""))
+        self.model_name = str(self.manifest["model"].get("modelName", self.spec.name))
         self.topk = self._clamp_topk(config.get("topk", 5), "the model-config YAML's handler.topk")
         self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
         with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
@@ -160,15 +163,20 @@ class ImageClassifier(BaseHandler):
                 "input": {"shape": list(self.spec.input_shape)}, "tta": self.tta,
                 "limits": {k: getattr(self.limits, k) for k in Limits.__dataclass_fields__}}
 
-    def _open_row(self, row: dict, idx: int) -> tuple[list[tuple[Any, str]], str, int, int]:
-        """Parse one request and open its images' headers: (images with where they came from, form, k, cost)."""
+    def _open_row(self, row: dict, idx: int) -> tuple[list[tuple[Any, str]], tuple, int]:
+        """Parse one request and open its images' headers: (images with where they came from, (form, k, id),
+        pixel cost). A v2 pixel tensor is already an image: it is only checked against the model's input."""
         request = payload.parse(row, self.limits)
         topk = self._request_topk(request, idx)
         opened, cost = [], 0
         for item in request.items:
             self._check_shape(item)
             try:
-                image, pixels = open_image(item.data, self.spec.image_size, self.spec.channels, self.limits)
+                if item.pixels is not None:
+                    image = oip.to_pixels(item.pixels, self.spec.input_shape)
+                    pixels = image.shape[0] * image.shape[1]
+                else:
+                    image, pixels = open_image(item.data, self.spec.image_size, self.spec.channels, self.limits)
             except InputError as exc:
                 raise exc if item.where == "body" else exc.at(item.where) from None
             opened.append((image, item.where))
@@ -178,11 +186,14 @@ class ImageClassifier(BaseHandler):
                              f"{self.limits.max_request_pixels:,} pixels per request (a JPEG counts at the reduced "
                              "scale it is decoded at): send fewer or smaller images", status=413,
                              error_type="RequestTooExpensive")
-        return opened, request.form, topk, cost
+        return opened, (request.form, topk, request.request_id), cost
 
     def _decode(self, opened: list[tuple[Any, str]]) -> list[np.ndarray]:
         pixels = []
         for image, where in opened:
+            if isinstance(image, np.ndarray):  # a v2 pixel tensor, already the model's size
+                pixels.append(image)
+                continue
             try:
                 pixels.append(decode_opened(image, self.spec.image_size, self.spec.channels,
                                             self.spec.light_on_dark))
@@ -220,8 +231,8 @@ class ImageClassifier(BaseHandler):
         deadline = time.monotonic() + self.limits.batch_deadline_ms / 1000
         spent, decoded = 0, False
         pixels: list[np.ndarray] = []
-        for idx in sorted((i for i, plan in enumerate(plans) if isinstance(plan, tuple)), key=lambda i: plans[i][3]):
-            opened, form, topk, cost = plans[idx]
+        for idx in sorted((i for i, plan in enumerate(plans) if isinstance(plan, tuple)), key=lambda i: plans[i][2]):
+            opened, answer, cost = plans[idx]
             if decoded and time.monotonic() > deadline:
                 plans[idx] = InputError(f"this server-side batch ran past its {self.limits.batch_deadline_ms} ms "
                                         "deadline before reaching the request; send it again", status=503,
@@ -239,12 +250,12 @@ class ImageClassifier(BaseHandler):
                 plans[idx] = exc
                 continue
             spent += cost
-            plans[idx] = (len(pixels), len(images), form, topk)
+            plans[idx] = (len(pixels), len(images), *answer)
             pixels.extend(images)
         size, channels = self.spec.image_size, self.spec.channels
         stacked = np.stack(pixels) if pixels else np.empty((0, size, size, channels), dtype=np.uint8)
         images = self.spec.normalize(torch.from_numpy(stacked).permute(0, 3, 1, 2))
-        return Batch(images=images, plans=plans)
+        return Batch(images=images, plans=plans, protocols=[payload.protocol_of(row) for row in data])
 
     def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """One forward pass for every image of every request in the batch.
@@ -258,7 +269,9 @@ class ImageClassifier(BaseHandler):
         return batch
 
     def postprocess(self, batch: Batch) -> list[bytes]:
-        """One compact JSON body per request: label → probability, highest first, rounded to 6 places."""
+        """One compact JSON body per request: label → probability, highest first, rounded to 6 places; a KServe
+        v2 request gets its OIP answer (labels and probabilities as [N, k] tensors), any KServe error
+        `{"error": ...}`."""
         results: list[bytes] = []
         top_values = top_indices = None
         if batch.probabilities is not None:
@@ -281,15 +294,23 @@ class ImageClassifier(BaseHandler):
                 self.context.set_response_status(plan.status, plan.phrase, idx)
                 if plan.retry_after is not None:
                     self.context.set_response_header(idx, "Retry-After", str(plan.retry_after))
-                results.append(json.dumps(plan.body(), separators=(",", ":")).encode())
+                error = {"error": plan.message} if batch.protocols[idx] else plan.body()  # KServe's error form
+                results.append(json.dumps(error, separators=(",", ":")).encode())
                 continue
             if plan == payload.DESCRIBE:
                 results.append(json.dumps(self.describe(), separators=(",", ":")).encode())
                 continue
-            start, count, form, k = plan
+            start, count, form, k, request_id = plan
+            rows = range(start, start + count)
+            if form == payload.V2:
+                body: Any = oip.response(self.model_name, self.version, request_id,
+                                         [[self.labels[c] for c in top_indices[i][:k]] for i in rows],
+                                         [top_values[i][:k] for i in rows])
+                results.append(json.dumps(body, separators=(",", ":")).encode())
+                continue
             answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k], strict=True)}
-                       for i in range(start, start + count)]
-            body: Any = answers[0] if form == payload.SINGLE else answers
+                       for i in rows]
+            body = answers[0] if form == payload.SINGLE else answers
             if form == payload.KSERVE:
                 body = {"predictions": answers}
             results.append(json.dumps(body, separators=(",", ":")).encode())

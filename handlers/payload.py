@@ -1,9 +1,10 @@
 """Every request shape the classifiers accept, reduced to a list of image byte strings.
 
 One TorchServe request (one row of a server-side batch) may be raw image bytes, a multipart upload, base64
-text, JSON `{"data": ...}` with a string, a list (a client-side batch) or the seeds' envelope objects, or a
-KServe v1 `{"instances": [...]}` body. `parse` returns the images with where each came from, the response
-form the client expects back, and the `topk` it asked for (validated by the handler, which knows the classes).
+text, JSON `{"data": ...}` with a string, a list (a client-side batch) or the seeds' envelope objects, a
+KServe v1 `{"instances": [...]}` body, or a KServe v2 (Open Inference Protocol) `{"inputs": [...]}` body
+(`handlers.oip`). `parse` returns the images with where each came from, the response form the client expects
+back, and the `topk` it asked for (validated by the handler, which knows the classes).
 """
 from __future__ import annotations
 
@@ -11,25 +12,30 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from handlers import oip
 from handlers.imaging import InputError, Limits, decode_base64, looks_like_base64
 
-SINGLE, LIST, KSERVE = "single", "list", "kserve"
+SINGLE, LIST, KSERVE, V2 = "single", "list", "kserve", oip.V2
 DESCRIBE = "describe"  # the plan of a request that asks for the model's description, not a prediction
 PARAMETERS = ("topk",)  # multipart fields that are options, not images
 EXPECTED = ('send image bytes (curl -T img.png), a multipart file, base64 text, or JSON: {"data": "<base64>"}, '
             '{"data": ["<base64>", ...]}, {"data": [{"content_type": "image/png", "data": "<base64>", '
-            '"shape": [C, H, W]}]} or {"instances": [{"b64": "<base64>"}]}')
+            '"shape": [C, H, W]}]}, {"instances": [{"b64": "<base64>"}]} (KServe v1) or {"inputs": [{"name": '
+            '"images", "datatype": "BYTES", "shape": [1], "data": ["<base64>"]}]} (KServe v2)')
 
 
 @dataclass(frozen=True)
 class Item:
-    """One image of a request: its bytes, the `shape` its envelope declared (if any) and where it was found."""
+    """One image of a request: its bytes (or, for a v2 pixel tensor, its array), the `shape` its envelope
+    declared (if any) and where it was found."""
 
     data: bytes
     where: str
     shape: Any = None
+    pixels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Request:
     items: list[Item]
     form: str
     topk: Any = None
+    request_id: str | None = None
 
 
 @dataclass
@@ -44,9 +51,10 @@ class Batch:
     """What flows through preprocess → inference → postprocess for one server-side batch."""
 
     images: torch.Tensor
-    # Per request row: the InputError to answer, DESCRIBE, or (first image index, image count, form, k).
-    plans: list[InputError | str | tuple[int, int, str, int]]
+    # Per request row: the InputError to answer, DESCRIBE, or (first image index, image count, form, k, id).
+    plans: list[InputError | str | tuple[int, int, str, int, str | None]]
     probabilities: torch.Tensor | None = None
+    protocols: list[str | None] | None = None  # per row: KSERVE or V2 when it speaks one of KServe's protocols
 
 
 def parse(row: dict, limits: Limits) -> Request:
@@ -62,7 +70,25 @@ def parse(row: dict, limits: Limits) -> Request:
         _check_count(len(payload), limits)
         return Request([_raw_item(value, key) for key, value in payload], LIST, topk)
     request = _parse_value(payload[0][1], payload[0][0], limits)
-    return request if request.topk is not None else Request(request.items, request.form, topk)
+    return request if request.topk is not None else Request(request.items, request.form, topk, request.request_id)
+
+
+def protocol_of(row: dict) -> str | None:
+    """KSERVE or V2 for a request in one of KServe's protocols (their errors are `{"error": ...}`), else None.
+    Judged from the body's shape alone, so it works for a body too broken to parse further."""
+    for value in row.values():
+        if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] == b"{":
+            head = bytes(value[:4096])
+            if b'"inputs"' in head:
+                return V2
+            if b'"instances"' in head:
+                return KSERVE
+        if isinstance(value, dict):
+            if "inputs" in value:
+                return V2
+            if "instances" in value:
+                return KSERVE
+    return None
 
 
 def _parse_value(value: Any, where: str, limits: Limits) -> Request:
@@ -99,6 +125,11 @@ def _parse_json(document: Any, limits: Limits) -> Request:
         raise InputError(f"JSON body must be an object, got {type(document).__name__}; {EXPECTED}",
                          error_type="InvalidJSON")
     topk = document.get("topk")
+    if "inputs" in document:
+        found, topk, request_id = oip.parse(document, limits)
+        items = [Item(b"", where, pixels=value) if isinstance(value, np.ndarray) else Item(value, where)
+                 for where, value in found]
+        return Request(items, V2, topk, request_id)
     if "instances" in document:
         instances = document["instances"]
         if not isinstance(instances, list) or not instances:

@@ -16,7 +16,7 @@ from models.specs import CIFAR10, SPECS
 from serving.catalog import SHIPPED
 from tests import images
 from tests.answers import same, same_response
-from tests.conftest import version_key
+from tests.conftest import ROOT, require, version_key
 
 VERSIONS = [version_key(v.model, v.version) for v in SHIPPED]
 CIFAR10_VERSIONS = [key for key in VERSIONS if key.startswith("cifar10")]
@@ -316,3 +316,82 @@ def test_explain_and_describe_are_decided_per_request(harness):
     assert results[1][0] == results[3][0] == 200 and next(iter(results[1][1])) in CIFAR10.classes
     assert results[2][0] == 200 and results[2][1]["labels"] == list(CIFAR10.classes)
     assert results[2][1]["limits"]["max_request_pixels"] > 0
+
+
+KSERVE_SAMPLE = ROOT.parent / "shared" / "kserve" / "samples" / "v2_bytes_conv_mnist_v2_bytes.json"
+
+
+def v2_tensor(pixels: np.ndarray, datatype: str = "UINT8") -> dict:
+    return {"inputs": [{"name": "images", "datatype": datatype, "shape": list(pixels.shape),
+                        "data": pixels.flatten().tolist()}]}
+
+
+def test_kserve_v2_sample_request_works_against_mnist_as_it_is(harness):
+    require(KSERVE_SAMPLE.is_file(), f"{KSERVE_SAMPLE} is absent: KServe's samples are only on CI and the "
+                                     "project's machines")
+    status, body = harness("mnist").one({"body": json.loads(KSERVE_SAMPLE.read_text())})
+    assert status == 200, body
+    assert body["model_name"] == "mnist" and body["model_version"] == "1.0" and body["id"]
+    labels, probabilities = body["outputs"]
+    assert labels["name"] == "labels" and labels["datatype"] == "BYTES" and labels["shape"] == [1, 3]
+    assert probabilities["datatype"] == "FP32" and probabilities["shape"] == [1, 3]
+    assert labels["data"][0] == "0"  # the sample's image is a handwritten zero (KServe's README prints another answer)
+    assert probabilities["data"] == sorted(probabilities["data"], reverse=True)
+
+
+def test_kserve_v2_bytes_and_pixel_tensors_answer_like_the_image(harness):
+    h = harness("cifar10")
+    pixels = np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    png = images.encode(pixels)
+    _, expected = h.one({"body": png})
+    requests_ = {
+        "bytes": {"id": "r1", "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [b64(png)]}]},
+        "uint8 NHWC": v2_tensor(pixels[None]),
+        "uint8 NCHW": v2_tensor(pixels.transpose(2, 0, 1)[None]),
+        "fp32 NCHW": v2_tensor(pixels.transpose(2, 0, 1)[None].astype(np.float32) / 255, "FP32"),
+    }
+    for name, request in requests_.items():
+        status, body = h.one({"body": request})
+        assert status == 200, (name, body)
+        labels, probabilities = body["outputs"]
+        answer = dict(zip(labels["data"], probabilities["data"], strict=True))
+        assert list(answer) == list(expected), name
+        assert all(abs(answer[k] - expected[k]) < 1e-5 for k in expected), name  # 6-place rounding vs float
+    status, body = h.one({"body": requests_["bytes"]})
+    assert body["id"] == "r1" and body["model_name"] == "cifar10" and body["model_version"] == "1.0"
+    two = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": -1, "data": [b64(png), b64(PNG)]}],
+           "parameters": {"topk": 2}}
+    status, body = h.one({"body": two})
+    assert status == 200 and body["outputs"][0]["shape"] == [2, 2] and len(body["outputs"][1]["data"]) == 4
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"inputs": []}, "exactly one tensor"),
+    ({"inputs": [{"datatype": "INT64", "shape": [1], "data": [1]}]}, "datatype is 'INT64'"),
+    ({"inputs": [{"datatype": "BYTES", "shape": [2], "data": ["aGk="]}]}, "holds 2 elements but data has 1"),
+    ({"inputs": [{"datatype": "UINT8", "shape": [1, 3, 28, 28], "data": [0] * 3 * 28 * 28}]}, "this model takes"),
+    ({"inputs": [{"datatype": "FP32", "shape": [1, 32, 32, 3], "data": [2.0] * 3072}]}, "must lie in [0.0, 1.0]"),
+    ({"inputs": [{"datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [300] * 3072}]}, "must lie in [0, 255]"),
+    ({"inputs": [{"datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [1] * 30}]}, "holds 3072 elements"),
+    ({"inputs": [{"datatype": "UINT8", "shape": [32, 32], "data": [1] * 1024}]}, "needs its shape"),
+    ({"inputs": [{"datatype": "BYTES", "data": ["@@@"]}]}, "inputs[0].data[0]: invalid base64"),
+    ({"instances": [{"b64": "@@@"}]}, "instances[0]: invalid base64"),
+])
+def test_kserve_errors_are_4xx_with_the_protocols_error_body(harness, request_, message):
+    status, body = harness("cifar10").one({"body": request_})
+    assert status == 400 and list(body) == ["error"] and message in body["error"], body
+
+
+def test_torchserve_envelopes_are_pass_throughs_in_a_worker(harness):
+    """TS_SERVICE_ENVELOPE=kserve|kservev2 makes TorchServe's loader wrap the handler in an envelope that reads
+    only a batch's first request; with this archive loaded, its loader gets a pass-through instead."""
+    from ts.model_loader import TsModelLoader
+
+    harness("cifar10")
+
+    def handle(data, context):
+        return data
+
+    for name in ("kserve", "kservev2"):
+        envelope = TsModelLoader()._load_default_envelope(name)
+        assert envelope(handle).handle is handle
