@@ -26,7 +26,8 @@ from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
-                  "handlers/payload.py", "handlers/oip.py", "models/__init__.py", "models/specs.py", "models/inference.py"]
+                  "handlers/payload.py", "handlers/oip.py", "models/__init__.py", "models/specs.py",
+                  "models/inference.py"]
 
 
 def stage_extra_files(model: str, dest: Path) -> Path:

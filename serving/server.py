@@ -214,6 +214,7 @@ class TorchServe:
     run_dir: Path
     source_config: Path | None = None
     overrides: dict[str, str] | None = None
+    env: dict[str, str | None] | None = None  # for java and its workers; None removes a variable
 
     def __post_init__(self) -> None:
         self.properties = read_properties(self.config)
@@ -224,13 +225,14 @@ class TorchServe:
 
     @classmethod
     def on_free_ports(cls, profile_config: Path, run_dir: Path, model_store: Path,
-                      overrides: dict[str, str] | None = None) -> TorchServe:
+                      overrides: dict[str, str] | None = None, env: dict[str, str | None] | None = None
+                      ) -> TorchServe:
         """A server configured like `profile_config` but on free ports and with its own run folder, so that it
         runs beside `make serve` (tests and benchmarks use this); `overrides` replace config keys."""
         run_dir.mkdir(parents=True, exist_ok=True)
         config = config_on_free_ports(profile_config, run_dir / profile_config.name, model_store, overrides)
         return cls(config=config, model_store=model_store, run_dir=run_dir, source_config=profile_config,
-                   overrides=overrides)
+                   overrides=overrides, env=env)
 
     def _move_to_new_ports(self) -> None:
         config_on_free_ports(self.source_config, self.config, self.model_store, self.overrides)
@@ -297,10 +299,15 @@ class TorchServe:
         ours = "org.pytorch.serve.ModelServer" in cmdline and f"-Djava.io.tmpdir={self.tmp_dir}" in cmdline
         return pid if alive and ours and created <= written + 1.0 else None
 
+    def declared_models(self) -> dict[str, dict[str, dict]]:
+        """model → version → settings, from `models=` or, in a KServe layout, `model_snapshot`."""
+        if self.properties.get("model_snapshot"):
+            return json.loads(self.properties["model_snapshot"])["models"]
+        return json.loads(self.properties.get("models", "{}") or "{}")
+
     def expected_models(self) -> dict[str, list[str]]:
-        """model → versions that `models=` in the config file declares (what must be READY)."""
-        models = json.loads(self.properties.get("models", "{}") or "{}")
-        return {name: sorted(versions) for name, versions in models.items()}
+        """model → versions the config declares (what must be READY)."""
+        return {name: sorted(versions) for name, versions in self.declared_models().items()}
 
     def check_store(self) -> None:
         """The model store is ours alone: TorchServe registers any archive found in it by name, following links,
@@ -330,6 +337,8 @@ class TorchServe:
     def check_archives(self) -> None:
         """Every archive `load_models` names exists and matches the sha256 `make archive` recorded."""
         names = [n.strip() for n in self.properties.get("load_models", "").split(",") if n.strip()]
+        names += [settings["marName"] for versions in self.declared_models().values()
+                  for settings in versions.values() if settings.get("marName") not in names]
         for name in names:
             archive = self.model_store / name
             if not archive.is_file():
@@ -384,6 +393,11 @@ class TorchServe:
         self.logs.mark()
         env = dict(os.environ, TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir), LOG_LOCATION=str(self.log_dir),
                    METRICS_LOCATION=str(self.log_dir))
+        for key, value in (self.env or {}).items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         launcher = Path(sys.executable).with_name("torchserve")
         with open(self.log_dir / "ts.out", "ab") as out:
             # java inherits these descriptors: never a pipe, or whoever reads it blocks until java exits.

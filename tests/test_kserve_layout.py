@@ -1,0 +1,53 @@
+"""`make kserve`'s layout: what KServe's TorchServe runtime needs, generated from config.properties alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models.checksum import sha256_of
+from serving import kserve
+from serving.server import PROFILES, read_properties
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    return kserve.build(tmp_path_factory.mktemp("kserve") / "layout")
+
+
+def test_the_snapshot_is_config_properties_models(layout):
+    """One source of truth: every model and version with the same workers and batching as `make serve`."""
+    config = read_properties(layout / "config" / "config.properties")
+    snapshot = json.loads(config["model_snapshot"])
+    models = json.loads(read_properties(PROFILES["default"])["models"])
+    assert snapshot["models"] == {name: {version: {"defaultVersion": False, **settings}
+                                         for version, settings in versions.items()}
+                                  for name, versions in models.items()}
+    assert [v for versions in snapshot["models"].values() for v in versions.values() if v["defaultVersion"]] == [
+        models["cifar10"]["1.0"], models["mnist"]["1.0"]]
+    assert snapshot["modelCount"] == sum(len(versions) for versions in models.values()) == 3
+
+
+def test_kserve_runtime_settings(layout):
+    config = read_properties(layout / "config" / "config.properties")
+    assert config["inference_address"] == config["management_address"] == "http://0.0.0.0:8085"
+    assert config["metrics_address"] == "http://0.0.0.0:8082" and config["metrics_mode"] == "prometheus"
+    assert config["enable_envvars_config"] == "true" and config["install_py_dep_per_model"] == "false"
+    assert config["model_store"] == "/mnt/models/model-store"
+    assert config["disable_token_authorization"] == "true" and config["enable_model_api"] == "false"
+    assert config["grpc_inference_address"] == config["grpc_management_address"] == "127.0.0.1"
+    assert config["allowed_urls"] == read_properties(PROFILES["default"])["allowed_urls"]
+
+
+def test_every_archive_is_there_and_matches_its_sha256(layout):
+    snapshot = json.loads(read_properties(layout / "config" / "config.properties")["model_snapshot"])
+    names = {s["marName"] for versions in snapshot["models"].values() for s in versions.values()}
+    store = layout / "model-store"
+    assert {p.name for p in store.glob("*.mar")} == names
+    for name in names:
+        assert (store / f"{name}.sha256").read_text().split()[0] == sha256_of(store / name)
+
+
+def test_token_auth_only_when_asked(tmp_path):
+    layout = kserve.build(tmp_path / "layout", token_auth=True)
+    assert read_properties(layout / "config" / "config.properties")["disable_token_authorization"] == "false"
