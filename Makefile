@@ -13,7 +13,7 @@ WEIGHTS ?=
 ARCH    ?=
 
 .PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate export archive serve \
-        certs stop status lint test test-unit soak bench clean
+        certs kserve stop status lint test test-unit soak bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -65,6 +65,10 @@ archive: install  ## build model_store/*.mar (or one: MODEL=cifar10 VERSION=2.0 
 
 serve: install  ## start TorchServe in the background and wait for READY workers (PROFILE=prod for tokens)
 	$(PY) -m serving.server start --profile $(PROFILE)
+
+kserve: install  ## KServe storage layouts from config.properties: build/kserve/ and build/kserve-canary/ (cifar10 2.0 default)
+	$(PY) -m serving.kserve --out build/kserve $(if $(TOKEN_AUTH),--token-auth)
+	$(PY) -m serving.kserve --out build/kserve-canary --default cifar10=2.0 $(if $(TOKEN_AUTH),--token-auth)
 
 certs: install  ## a self-signed TLS pair in certs/ for the prod profile (make serve PROFILE=prod)
 	$(PY) -m serving.certs

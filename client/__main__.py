@@ -1,6 +1,6 @@
 """Command line for the served classifiers.
 
-    python -m client predict cat.png dog.jpg --model cifar10 [--version 2.0] [--topk 3]
+    python -m client predict cat.png dog.jpg --model cifar10 [--version 2.0] [--topk 3] [--protocol v2]
     python -m client versions cifar10
     python -m client register cifar10-2.0.mar [--workers 2]
     python -m client promote cifar10 2.0
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default="cifar10")
     predict.add_argument("--version")
     predict.add_argument("--topk", type=int)
+    predict.add_argument("--protocol", choices=["native", "v1", "v2"], default="native",
+                         help="this project's /predictions API, or KServe's v1 or v2 (Open Inference Protocol)")
     sub.add_parser("versions", help="registered versions and their workers").add_argument("model")
     register = sub.add_parser("register", help="register an archive that is in the model store")
     register.add_argument("archive")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
     client = TorchServeClient.from_key_file(args.key_file, **urls) if args.key_file else TorchServeClient(**urls)
     if args.command == "predict":
         for path in args.images:
-            answer = client.predict(path, args.model, args.version, args.topk)
+            answer = client.predict(path, args.model, args.version, args.topk, args.protocol)
             print(f"{path}: " + ", ".join(f"{label} {p:.4f}" for label, p in answer.items()))
     elif args.command == "versions":
         for d in client.versions(args.model):
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -74,13 +74,30 @@ class TorchServeClient:
         return f"/predictions/{model}" + (f"/{version}" if version else "")
 
     def predict(self, image: bytes | str | Path, model: str = "cifar10", version: str | None = None,
-                topk: int | None = None) -> dict[str, float]:
-        """Top-k labels → probabilities for one image (raw bytes in the body)."""
+                topk: int | None = None, protocol: str = "native") -> dict[str, float]:
+        """Top-k labels → probabilities for one image, over this project's own API (raw bytes in the body) or
+        KServe's v1 (`{"instances": [{"b64": ...}]}`) or v2 (Open Inference Protocol, a BYTES input)."""
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         headers = {"Content-Type": "application/octet-stream"}
         if topk is not None:
             headers["X-TopK"] = str(topk)
-        return self._call("inference", "POST", self._predict_path(model, version), data=data, headers=headers)
+        if protocol == "native":
+            return self._call("inference", "POST", self._predict_path(model, version), data=data, headers=headers)
+        if protocol not in ("v1", "v2"):
+            raise ValueError(f"protocol must be native, v1 or v2, got {protocol!r}")
+        if version:
+            raise ValueError("KServe's paths reach a model's default version only (TorchServe 0.12 routes no "
+                             "version segment on them); use --protocol native for a named version, or serve that "
+                             "version as its own KServe revision (README: canary)")
+        encoded = base64.b64encode(data).decode()
+        if protocol == "v1":
+            body = {"instances": [{"b64": encoded}], **({"topk": topk} if topk is not None else {})}
+            return self._call("inference", "POST", f"/v1/models/{model}:predict", json=body)["predictions"][0]
+        body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [encoded]}],
+                **({"parameters": {"topk": topk}} if topk is not None else {})}
+        answer = self._call("inference", "POST", f"/v2/models/{model}/infer", json=body)
+        outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+        return dict(zip(outputs["labels"], outputs["probabilities"], strict=True))
 
     def predict_many(self, images: list[bytes | str | Path], model: str = "cifar10", version: str | None = None,
                      topk: int | None = None) -> list[dict[str, float]]:

@@ -11,6 +11,12 @@ worker's own traceback, then short tails of the logs. Only the lines written sin
     python -m serving.server stop
     python -m serving.server status
     python -m serving.server token inference      # print a key when token authorization is on
+
+A container's main process and its health check (deploy/docker/), on a baked layout such as `make kserve`'s:
+
+    python -m serving.server run --config /mnt/models/config/config.properties
+                                 --model-store /mnt/models/model-store --run-dir DIR
+    python -m serving.server health --config ... --model-store ... --run-dir DIR
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -521,6 +529,44 @@ class PortTaken(StartupError):
     """java could not bind a port that was free a moment before (another process took it)."""
 
 
+def run_foreground(server: TorchServe, timeout: float) -> int:
+    """A container's main process: start TorchServe, wait for READY workers, then wait for SIGTERM (or SIGINT)
+    and stop it cleanly, or report java's own death. The exit code says which: 0 after a clean stop."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        seconds = server.start(timeout)
+    except StartupError as exc:
+        print(f"start-up failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    versions = ", ".join(f"{m}/{v}" for m, vs in server.expected_models().items() for v in vs)
+    print(f"READY in {seconds:.1f} s: {versions}", flush=True)
+    while not stop.wait(1.0):
+        if server.pid() is None:
+            print("TorchServe's java process exited on its own", file=sys.stderr, flush=True)
+            return 1
+    server.stop()
+    print("stopped cleanly", flush=True)
+    return 0
+
+
+def healthy(server: TorchServe) -> list[str]:
+    """What is wrong, or [] when java runs and every expected version has a READY worker whose process is alive
+    (TorchServe's /ping says Healthy while workers crash-loop, so a health check must not rely on it)."""
+    if server.pid() is None:
+        return ["TorchServe is not running"]
+    problems = [f"{entry}: no READY worker" for entry in server.not_ready(server.expected_models())]
+    for model in server.expected_models():
+        try:
+            described = server.describe(model)
+        except (requests.RequestException, ValueError) as exc:
+            return [f"the management API does not answer ({type(exc).__name__})"]
+        problems += [f"{model}/{d['modelVersion']}: READY worker {w['pid']} is gone" for d in described
+                     for w in d.get("workers", []) if w.get("status") == "READY" and not pid_alive(int(w["pid"]))]
+    return problems
+
+
 def local(profile: str = "default") -> TorchServe:
     """The server `make serve` runs: the profile's config (as logs/<profile file>, with absolute TLS paths),
     ./model_store, and logs/ as its run folder."""
@@ -551,12 +597,27 @@ def print_status(server: TorchServe) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["start", "stop", "status", "token"])
+    p.add_argument("command", choices=["start", "stop", "status", "token", "run", "health"])
     p.add_argument("api", nargs="?", choices=["inference", "management", "API"], default="inference",
                    help="which key `token` prints")
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--config", type=Path, help="run/health: the config TorchServe runs with")
+    p.add_argument("--model-store", type=Path, help="run/health: the model store")
+    p.add_argument("--run-dir", type=Path, help="run/health: a writable folder for logs, pid and sockets")
     args = p.parse_args(argv)
+
+    if args.command in ("run", "health"):
+        if not (args.config and args.model_store and args.run_dir):
+            p.error(f"{args.command} needs --config, --model-store and --run-dir")
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        server = TorchServe(config=args.config, model_store=args.model_store, run_dir=args.run_dir)
+        if args.command == "run":
+            return run_foreground(server, args.timeout)
+        problems = healthy(server)
+        print("\n".join(problems) or "healthy: every version has a READY worker", file=sys.stderr if problems
+              else sys.stdout)
+        return 1 if problems else 0
 
     if args.command == "stop":
         server = local(running_profile())

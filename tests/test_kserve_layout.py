@@ -51,3 +51,13 @@ def test_every_archive_is_there_and_matches_its_sha256(layout):
 def test_token_auth_only_when_asked(tmp_path):
     layout = kserve.build(tmp_path / "layout", token_auth=True)
     assert read_properties(layout / "config" / "config.properties")["disable_token_authorization"] == "false"
+
+
+def test_a_canary_layout_moves_only_the_default(tmp_path):
+    """KServe's paths reach default versions only, so a canary revision serves a layout with another default."""
+    canary = kserve.build(tmp_path / "canary", defaults={"cifar10": "2.0"})
+    models = json.loads(read_properties(canary / "config" / "config.properties")["model_snapshot"])["models"]
+    assert [v for v, s in models["cifar10"].items() if s["defaultVersion"]] == ["2.0"]
+    assert models["mnist"]["1.0"]["defaultVersion"] is True
+    with pytest.raises(ValueError, match="cifar10 9.0 is not in"):
+        kserve.build(tmp_path / "bad", defaults={"cifar10": "9.0"})

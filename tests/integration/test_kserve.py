@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -112,3 +114,17 @@ def test_kserve_sample_request_and_errors(cluster):
     assert bad_v1.status_code == 400 and list(bad_v1.json()) == ["error"]
     metrics = requests.get(f"{cluster.url('metrics')}/metrics", timeout=30).text  # what KServe scrapes (8082)
     assert 'ts_inference_requests_total{model_name="mnist"' in metrics
+
+
+@pytest.mark.parametrize("cluster", ["kservev2"], indirect=True)  # one server is enough for the client
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_cli_predict_speaks_kserve_protocols(cluster, protocol):
+    def predict(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "client", "--inference-url", cluster.url("inference"),
+                               "predict", "examples/cat.png", "--protocol", protocol, *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    out = predict("--topk", "2")
+    assert out.returncode == 0 and out.stdout.startswith("examples/cat.png: cat ") and out.stdout.count(",") == 1
+    versioned = predict("--version", "2.0")  # TorchServe routes KServe paths to default versions only
+    assert versioned.returncode == 2 and "default version only" in versioned.stderr
