@@ -66,9 +66,12 @@ archive: install  ## build model_store/*.mar (or one: MODEL=cifar10 VERSION=2.0 
 serve: install  ## start TorchServe in the background and wait for READY workers (PROFILE=prod for tokens)
 	$(PY) -m serving.server start --profile $(PROFILE)
 
-kserve: install  ## KServe storage layouts from config.properties: build/kserve/ and build/kserve-canary/ (cifar10 2.0 default)
+kserve: install  ## KServe storage layouts from config.properties into build/ (deploy/kserve/ names them)
 	$(PY) -m serving.kserve --out build/kserve $(if $(TOKEN_AUTH),--token-auth)
-	$(PY) -m serving.kserve --out build/kserve-canary --default cifar10=2.0 $(if $(TOKEN_AUTH),--token-auth)
+	$(PY) -m serving.kserve --out build/kserve-cifar10 --model cifar10 $(if $(TOKEN_AUTH),--token-auth)
+	$(PY) -m serving.kserve --out build/kserve-cifar10-canary --model cifar10 --default cifar10=2.0 \
+		$(if $(TOKEN_AUTH),--token-auth)
+	$(PY) -m serving.kserve --out build/kserve-mnist --model mnist $(if $(TOKEN_AUTH),--token-auth)
 
 certs: install  ## a self-signed TLS pair in certs/ for the prod profile (make serve PROFILE=prod)
 	$(PY) -m serving.certs

@@ -62,8 +62,8 @@ class ImageClassifier(BaseHandler):
         threads = int(config.get("threads") or max(1, (os.cpu_count() or 1) // workers))
         torch.set_num_threads(threads)
 
-        self.device = torch.device("cpu")
-        self.model = self._load_model(model_dir)
+        self.device = self._device(properties)
+        self.model = self._load_model(model_dir).to(self.device)
         if config.get("fold_batchnorm", False) and hasattr(self.model, "fold_batchnorm"):
             self.model.fold_batchnorm()  # exact in eval mode; opt-in, as it measured no faster on this CPU
         self.tta = int(config.get("tta", 0))
@@ -76,10 +76,19 @@ class ImageClassifier(BaseHandler):
         self.topk = self._clamp_topk(config.get("topk", 5), "the model-config YAML's handler.topk")
         self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
         with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
-            self.model(self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)))
-        logger.info("%s %s ready: %d threads, topk %d, tta %d, limits %s", self.spec.name, self.version, threads,
-                    self.topk, self.tta, self.limits)
+            self.model(self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)).to(self.device))
+        logger.info("%s %s ready on %s: %d threads, topk %d, tta %d, limits %s", self.spec.name, self.version,
+                    self.device, threads, self.topk, self.tta, self.limits)
         self.initialized = True
+
+    @staticmethod
+    def _device(properties: dict) -> torch.device:
+        """The GPU TorchServe assigned this worker (`gpu_id`, present when `number_of_gpu` > 0) if CUDA is
+        available, else the CPU: the CPU path never depends on a GPU."""
+        gpu_id = properties.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            return torch.device(f"cuda:{gpu_id}")
+        return torch.device("cpu")
 
     def _load_model(self, model_dir: Path) -> torch.nn.Module:
         """The archive's model file defines one nn.Module class; its state_dict loads with weights_only=True."""
@@ -265,7 +274,8 @@ class ImageClassifier(BaseHandler):
         """
         if len(batch.images):
             with torch.inference_mode():
-                batch.probabilities = torch.softmax(tta_logits(self.model, batch.images, self.tta), dim=1)
+                images = batch.images.to(self.device, non_blocking=True)
+                batch.probabilities = torch.softmax(tta_logits(self.model, images, self.tta), dim=1).cpu()
         return batch
 
     def postprocess(self, batch: Batch) -> list[bytes]:

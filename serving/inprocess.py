@@ -59,7 +59,7 @@ def archive_imports(model_dir: Path, names: tuple[str, ...]) -> Iterator[dict[st
 class InProcessHandler:
     """The handler class named in an unpacked archive's manifest, initialised over a real ts.context.Context."""
 
-    def __init__(self, model_dir: Path, yaml_overrides: dict | None = None) -> None:
+    def __init__(self, model_dir: Path, yaml_overrides: dict | None = None, gpu: int | None = None) -> None:
         import ts
         from ts.context import Context
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -71,7 +71,7 @@ class InProcessHandler:
         metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
         metrics.initialize_cache()
         self.context = Context(manifest["model"]["modelName"], str(model_dir), manifest, config["batchSize"],
-                               None, "0.12.0", metrics=metrics, model_yaml_config=config)
+                               gpu, "0.12.0", metrics=metrics, model_yaml_config=config)
         handler_module = Path(manifest["model"]["handler"]).stem
         model_module = Path(manifest["model"]["modelFile"]).stem
         with archive_imports(model_dir, (*SHIPPED_PACKAGES, handler_module, model_module)) as self.modules:

@@ -395,3 +395,13 @@ def test_torchserve_envelopes_are_pass_throughs_in_a_worker(harness):
     for name in ("kserve", "kservev2"):
         envelope = TsModelLoader()._load_default_envelope(name)
         assert envelope(handle).handle is handle
+
+
+def test_the_worker_uses_its_assigned_gpu_only_when_cuda_is_there(model_dirs):
+    """TorchServe passes gpu_id when number_of_gpu > 0; without CUDA the same worker runs on the CPU."""
+    from serving.inprocess import InProcessHandler
+
+    h = InProcessHandler(model_dirs["mnist"], gpu=0)
+    assert h.handler.device == (torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
+    status, body = h.one({"body": images.encode(images.digit())})
+    assert status == 200 and len(body) == 3

@@ -128,3 +128,20 @@ def test_cli_predict_speaks_kserve_protocols(cluster, protocol):
     assert out.returncode == 0 and out.stdout.startswith("examples/cat.png: cat ") and out.stdout.count(",") == 1
     versioned = predict("--version", "2.0")  # TorchServe routes KServe paths to default versions only
     assert versioned.returncode == 2 and "default version only" in versioned.stderr
+
+
+def test_the_canary_layout_answers_kserve_paths_with_2_0(tmp_path):
+    """The canary revision's layout (make kserve: build/kserve-cifar10-canary) makes 2.0 what KServe reaches."""
+    from serving.server import TorchServe
+
+    layout = kserve.build(tmp_path / "canary", defaults={"cifar10": "2.0"}, only=["cifar10"])
+    server = TorchServe.on_free_ports(layout / "config" / "config.properties", tmp_path / "run",
+                                      layout / "model-store")
+    server.start(timeout=240)
+    try:
+        answer = requests.post(f"{server.url('inference')}/v2/models/cifar10/infer", json=v2_bytes([CAT], "c"),
+                               timeout=60).json()
+        assert answer["model_version"] == "2.0" and top1_v2(answer) == ["cat"]
+        assert server.expected_models() == {"cifar10": ["1.0", "2.0"]}
+    finally:
+        server.stop()
