@@ -44,8 +44,9 @@ class TorchServeClient:
         self.metrics_url = metrics_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
-        if ca_cert:  # the prod profile's self-signed certificate, or your CA's
-            self.session.verify = str(ca_cert)
+        # The prod profile's self-signed certificate, or your CA's. Passed on every call: a session-wide setting
+        # loses to REQUESTS_CA_BUNDLE in the environment.
+        self.verify: str | bool = str(ca_cert) if ca_cert else True
         self._auth = {"inference": inference_token, "management": management_token}
 
     @classmethod
@@ -59,7 +60,8 @@ class TorchServeClient:
         headers = kwargs.pop("headers", {})
         if self._auth[api]:
             headers["Authorization"] = f"Bearer {self._auth[api]}"
-        response = self.session.request(method, base + path, headers=headers, timeout=self.timeout, **kwargs)
+        response = self.session.request(method, base + path, headers=headers, timeout=self.timeout,
+                                        verify=self.verify, **kwargs)
         try:
             body = response.json()
         except ValueError:
@@ -147,7 +149,7 @@ class TorchServeClient:
         `default` count is included while this version is the default, as those requests are its own then.
         """
         labels = [version] + (["default"] if self.default_version(model) == version else [])
-        text = self.session.get(f"{self.metrics_url}/metrics", timeout=self.timeout).text
+        text = self.session.get(f"{self.metrics_url}/metrics", timeout=self.timeout, verify=self.verify).text
         total = 0.0
         for label in labels:
             pattern = (rf'^ts_inference_requests_total{{(?=[^}}]*model_name="{re.escape(model)}")'

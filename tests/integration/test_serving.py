@@ -241,3 +241,16 @@ def test_production_keys_are_removed_on_stop(tmp_path, model_store):
     finally:
         server.stop()
     assert not server.key_file.exists()
+
+
+def test_cli_over_tls_with_keys(served_prod):
+    """The README's prod client line: https URLs, the key file and the certificate to trust."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "client", "--inference-url", served_prod.url("inference"),
+                          "--management-url", served_prod.url("management"), "--metrics-url",
+                          served_prod.url("metrics"), "--key-file", str(served_prod.key_file), "--ca-cert",
+                          str(served_prod.verify), "predict", "examples/cat.png"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("examples/cat.png: cat "), out.stderr
