@@ -38,8 +38,11 @@ def test_bad_input_corpus(served, predict_url, case):
     assert response.status_code == case.status, response.text[:300]
     if case.status >= 400 and case.message:
         body = response.json()
-        assert body["code"] == case.status and body["type"], body
-        assert case.message in body["message"], body
+        if "error" in body:  # a request in one of KServe's protocols gets their error form
+            assert list(body) == ["error"] and case.message in body["error"], body
+        else:
+            assert body["code"] == case.status and body["type"], body
+            assert case.message in body["message"], body
     assert worker_pids(served) == pids
     assert requests.put(predict_url(), data=CAT, timeout=30).status_code == 200
 
