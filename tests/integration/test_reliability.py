@@ -70,8 +70,12 @@ def test_bad_and_good_requests_mixed_under_concurrency(served, predict_url):
 
 
 def test_soak_smoke_has_no_unexpected_results(served):
-    report = soak.soak(served.url("inference"), served.url("management"), duration=8, connections=8, window=4)
-    assert report["requests"] > 50 and report["unexpected"] == 0, report["examples"]
+    """No unexpected answer, and no throughput claim (a busy host answers fewer): each of the 8 connections starts
+    at a different one of the 8 probes, so every probe was sent and judged at least once."""
+    connections = len(soak.probes())
+    report = soak.soak(served.url("inference"), served.url("management"), duration=8, connections=connections,
+                       window=4)
+    assert report["requests"] >= connections and report["unexpected"] == 0, report["examples"]
 
 
 def non_loopback_addresses() -> list[str]:
