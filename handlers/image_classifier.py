@@ -211,8 +211,8 @@ class ImageClassifier(BaseHandler):
         return pixels
 
     def _open(self, row: dict, idx: int) -> Any:
-        """First pass over one request, headers only: DESCRIBE, or (opened images, form, k, pixel cost).
-        Raises InputError for a request answered on its own."""
+        """First pass over one request, headers only: DESCRIBE, or what `_open_row` returns. Raises InputError
+        for a request answered on its own."""
         if self._header(idx, "describe") == "True":
             return payload.DESCRIBE
         if self._header(idx, "explain") == "True":
