@@ -73,6 +73,13 @@ class Limits:
     batch_deadline_ms: int = 10_000  # rows not started by then answer 503; well inside responseTimeout (30 s)
 
 
+def check_image_count(count: int, limits: Limits) -> None:
+    """Refuse a client-side batch over the limit before decoding any of it."""
+    if count > limits.max_images:
+        raise InputError(f"the request holds {count} images; the limit is {limits.max_images} per request",
+                         status=413, error_type="TooManyImages")
+
+
 def decode_base64(text: str | bytes) -> bytes:
     """Strict base64 (standard or URL-safe alphabet), with or without a `data:image/...;base64,` prefix."""
     raw = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)

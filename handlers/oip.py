@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.imaging import InputError, Limits, decode_base64
+from handlers.imaging import InputError, Limits, check_image_count, decode_base64
 
 V2 = "v2"
 TENSOR_TYPES = {"UINT8": (np.uint8, 0, 255), "FP32": (np.float32, 0.0, 1.0)}
@@ -70,7 +70,7 @@ def _bytes_items(tensor: dict, limits: Limits) -> list[tuple[str, bytes | np.nda
     if shape is not None and math.prod(shape) != len(entries):
         raise InputError(f"inputs[0].shape {shape} holds {math.prod(shape)} elements but data has {len(entries)}",
                          error_type="ShapeMismatch")
-    _check_count(len(entries), limits)
+    check_image_count(len(entries), limits)
     items: list[tuple[str, bytes | np.ndarray]] = []
     for i, entry in enumerate(entries):
         try:
@@ -85,7 +85,7 @@ def _tensor_items(tensor: dict, datatype: str, limits: Limits) -> list[tuple[str
     if shape is None or len(shape) < 3:
         raise InputError(f"a {datatype} input needs its shape: [N, C, H, W] or [N, H, W, C] ([N, H, W] for one "
                          "channel)", error_type="ShapeMismatch")
-    _check_count(shape[0], limits)
+    check_image_count(shape[0], limits)
     if math.prod(shape[1:]) > limits.max_pixels * 4:
         raise InputError(f"inputs[0].shape {shape} is far larger than any image this model takes",
                          status=413, error_type="ImageTooLarge")
@@ -106,11 +106,6 @@ def _tensor_items(tensor: dict, datatype: str, limits: Limits) -> list[tuple[str
     images = values.astype(dtype).reshape(shape)
     return [(f"inputs[0][{i}]", image) for i, image in enumerate(images)]
 
-
-def _check_count(count: int, limits: Limits) -> None:
-    if count > limits.max_images:
-        raise InputError(f"the request holds {count} images; the limit is {limits.max_images} per request",
-                         status=413, error_type="TooManyImages")
 
 
 def to_pixels(array: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:

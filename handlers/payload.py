@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from handlers import oip
-from handlers.imaging import InputError, Limits, decode_base64, looks_like_base64
+from handlers.imaging import InputError, Limits, check_image_count, decode_base64, looks_like_base64
 
 SINGLE, LIST, KSERVE, V2 = "single", "list", "kserve", oip.V2
 DESCRIBE = "describe"  # the plan of a request that asks for the model's description, not a prediction
@@ -67,7 +67,7 @@ def parse(row: dict, limits: Limits) -> Request:
     if not payload:
         raise InputError(f"the request holds no image; {EXPECTED}", error_type="EmptyInput")
     if len(payload) > 1:  # a multipart upload of several files
-        _check_count(len(payload), limits)
+        check_image_count(len(payload), limits)
         return Request([_raw_item(value, key) for key, value in payload], LIST, topk)
     request = _parse_value(payload[0][1], payload[0][0], limits)
     return request if request.topk is not None else Request(request.items, request.form, topk, request.request_id)
@@ -135,7 +135,7 @@ def _parse_json(document: Any, limits: Limits) -> Request:
         if not isinstance(instances, list) or not instances:
             raise InputError('"instances" must be a non-empty list of {"b64": "<base64>"} objects',
                              error_type="InvalidJSON")
-        _check_count(len(instances), limits)
+        check_image_count(len(instances), limits)
         return Request([_instance(obj, f"instances[{i}]") for i, obj in enumerate(instances)], KSERVE, topk)
     if "data" not in document:
         keys = ", ".join(sorted(map(str, document))[:10]) or "none"
@@ -150,7 +150,7 @@ def _parse_json(document: Any, limits: Limits) -> Request:
 def _list_items(entries: list, where: str, limits: Limits) -> list[Item]:
     if not entries:
         raise InputError(f"{where} is an empty list; send at least one image", error_type="EmptyInput")
-    _check_count(len(entries), limits)
+    check_image_count(len(entries), limits)
     return [_entry(entry, f"{where}[{i}]") for i, entry in enumerate(entries)]
 
 
@@ -193,10 +193,3 @@ def _b64(text: str, where: str) -> bytes:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def _check_count(count: int, limits: Limits) -> None:
-    """Refuse a client batch over the limit before decoding any of it."""
-    if count > limits.max_images:
-        raise InputError(f"the request holds {count} images; the limit is {limits.max_images} per request",
-                         status=413, error_type="TooManyImages")

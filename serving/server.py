@@ -556,14 +556,18 @@ def healthy(server: TorchServe) -> list[str]:
     (TorchServe's /ping says Healthy while workers crash-loop, so a health check must not rely on it)."""
     if server.pid() is None:
         return ["TorchServe is not running"]
-    problems = [f"{entry}: no READY worker" for entry in server.not_ready(server.expected_models())]
-    for model in server.expected_models():
+    problems = []
+    for model, versions in server.expected_models().items():
         try:
-            described = server.describe(model)
+            described = {d["modelVersion"]: d for d in server.describe(model)}
         except (requests.RequestException, ValueError) as exc:
             return [f"the management API does not answer ({type(exc).__name__})"]
-        problems += [f"{model}/{d['modelVersion']}: READY worker {w['pid']} is gone" for d in described
-                     for w in d.get("workers", []) if w.get("status") == "READY" and not pid_alive(int(w["pid"]))]
+        for version in versions:
+            ready = [w for w in described.get(version, {}).get("workers", []) if w.get("status") == "READY"]
+            if not ready:
+                problems.append(f"{model}/{version}: no READY worker")
+            problems += [f"{model}/{version}: READY worker {w['pid']} is gone" for w in ready
+                         if not pid_alive(int(w["pid"]))]
     return problems
 
 
