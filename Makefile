@@ -12,7 +12,7 @@ VERSION ?= 1.0
 WEIGHTS ?=
 ARCH    ?=
 
-.PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate export archive serve \
+.PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate reference export archive serve \
         certs kserve stop status lint test test-unit soak bench clean
 
 help:  ## list the targets
@@ -50,10 +50,14 @@ train-cifar10-v2: install  ## train cifar10 2.0, the airbench network (about 50 
 train-mnist: install  ## retrain the MNIST ConvNet (about 6-8 minutes on 2 cores)
 	$(PY) -m training.train --arch convnet $(call data_args,mnist) --out models/weights/mnist_convnet.pt
 
-evaluate: install  ## per-class accuracy, confusion matrix and plots for the shipped weights
+evaluate: install  ## accuracy, confusion matrix, calibration (T into the cards) and plots for the shipped weights
 	$(PY) -m training.evaluate --weights models/weights/cifar10_lenet.pt $(call data_args,cifar10)
 	$(PY) -m training.evaluate --weights models/weights/cifar10_airbench.pt $(call data_args,cifar10)
 	$(PY) -m training.evaluate --weights models/weights/mnist_convnet.pt $(call data_args,mnist)
+
+reference: install  ## the reference images each archive ships (models/weights/<dataset>_reference.npz)
+	$(PY) -m training.reference --dataset cifar10 $(call data_args,cifar10)
+	$(PY) -m training.reference --dataset mnist $(call data_args,mnist)
 
 export: install  ## TorchScript and ONNX exports of the shipped weights into exports/, checked against eager
 	$(PY) -m training.export --weights models/weights/cifar10_lenet.pt models/weights/cifar10_airbench.pt \

@@ -25,12 +25,15 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
 import requests
 import torch
 
+from client.api import TorchServeClient
+from models import numerics
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
 from serving.inprocess import InProcessHandler, unpack
@@ -144,6 +147,34 @@ def rss_mib(pids: list[int]) -> list[float]:
     return [round(psutil.Process(p).memory_info().rss / 2**20, 1) for p in pids if psutil.pid_exists(p)]
 
 
+ROUND2_ARCHIVE = "cifar10-2.0-round2.mar"
+
+
+def build_round2_archive(store: Path, tmp: Path) -> None:
+    """cifar10 2.0 with the previous round's serving settings: one worker, fp32 (numerics were not chosen)."""
+    import yaml
+
+    version = next(v for v in SHIPPED if (v.model, v.version) == ("cifar10", "2.0"))
+    config = yaml.safe_load(version.config_file.read_text())
+    config.update(minWorkers=1, maxWorkers=1, handler={**config["handler"], "threads": 1, "numerics": "fp32"})
+    config_file = tmp / "round2.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    built = archive.build(version, tmp / "round2", config_file)
+    shutil.move(built, store / ROUND2_ARCHIVE)
+
+
+def served_numerics(server: TorchServe, model: str, version: str) -> str:
+    """The numeric mode a worker of that version chose (its handler's describe), as the results record it."""
+    described = TorchServeClient(management_url=server.url("management")).handler_description(model, version)
+    return (described or {}).get("numerics", {}).get("mode", "unknown")
+
+
+def register(server: TorchServe, **params: Any) -> None:
+    response = requests.post(f"{server.url('management')}/models", timeout=300,
+                             params={**params, "synchronous": "true"})
+    response.raise_for_status()
+
+
 def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: float, png_list: Path,
                     png: bytes, smoke: bool) -> tuple[dict, dict]:
     server = TorchServe.on_free_ports(ROOT / "config.properties", tmp / "ts", store)
@@ -157,12 +188,22 @@ def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: flo
         runs = {"torchserve": measure(f"{base}/cifar10", connections, seconds, pids, png_list)}
         workers = [int(w["pid"]) for d in server.describe("cifar10") for w in d["workers"]]
         facts["worker_rss_mib"] = rss_mib(workers)
+        facts["numerics"] = {"cifar10 1.0": served_numerics(server, "cifar10", "1.0")}
         if not smoke:
             runs["torchserve cifar10 2.0"] = measure(f"{base}/cifar10/2.0", connections, seconds, pids, png_list)
-            registered = requests.post(f"{server.url('management')}/models", timeout=120, params={
-                "url": "cifar10.mar", "model_name": "cifar10_nobatch", "batch_size": 1, "initial_workers": 2,
-                "synchronous": "true"})
-            registered.raise_for_status()
+            facts["numerics"]["cifar10 2.0"] = served_numerics(server, "cifar10", "2.0")
+            # The same network as the previous round served it (1 worker, 1 thread, fp32): the baseline this
+            # round's 2.0 target is a multiple of, measured on the same host in the same run.
+            register(server, url=ROUND2_ARCHIVE, model_name="cifar10_v2_round2", initial_workers=1)
+            runs["torchserve cifar10 2.0, round-2 config"] = measure(f"{base}/cifar10_v2_round2", connections,
+                                                                     seconds, pids, png_list)
+            # The latency knob: with maxBatchDelay 0 the frontend never waits for company and adds at most one
+            # already-queued request to a batch (Model.pollBatch); batching off is batch size 1.
+            register(server, url="cifar10.mar", model_name="cifar10_delay0", batch_size=8, max_batch_delay=0,
+                     initial_workers=2)
+            runs["torchserve batch 8 / 0 ms"] = measure(f"{base}/cifar10_delay0", connections, seconds, pids,
+                                                        png_list)
+            register(server, url="cifar10.mar", model_name="cifar10_nobatch", batch_size=1, initial_workers=2)
             runs["torchserve batching off"] = measure(f"{base}/cifar10_nobatch", connections, seconds, pids,
                                                       png_list)
     finally:
@@ -201,9 +242,12 @@ def peer_runs(names: list[str], connections: list[int], seconds: float, png_list
 
 def markdown(report: dict) -> str:
     lines = [f"# Benchmark, {report['date']}", "",
-             f"{report['machine']['cores']} cores, {report['machine']['cpu']}, torch {report['versions']['torch']}, "
+             f"{report['machine']['cores']} cores, {report['machine']['cpu']} "
+             f"(ISA: {' '.join(report['machine']['isa']) or 'unknown'}), torch {report['versions']['torch']}, "
              f"torchserve {report['versions']['torchserve']}; wrk, {report['seconds']} s per point, "
-             "real 32×32 PNGs as raw POST bodies, cifar10 1.0 unless named.", "",
+             "real 32×32 PNGs as raw POST bodies, cifar10 1.0 unless named.",
+             "Numerics the workers chose: " + ", ".join(f"{k} {v}" for k, v in report["facts"]["numerics"].items())
+             + ".", "",
              "| server | connections | req/s | p50 ms | p99 ms | errors | server CPU ms/req | host CPU ms/req |",
              "|---|---|---|---|---|---|---|---|"]
     for name, points in report["runs"].items():
@@ -266,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         archive_seconds = time.perf_counter() - started
         for version in SHIPPED[1:]:
             archive.build(version, store)
+        if not args.smoke:
+            build_round2_archive(store, tmp)
         ceiling_rates = ceiling(unpack(store / SHIPPED[0].archive_name, tmp / "unpacked"), pngs,
                                 0.5 if args.smoke else 3.0)
         runs, facts = torchserve_runs(store, tmp, args.connections, seconds, tmp / "png" / "list.txt", pngs[0],
@@ -276,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     cores = os.cpu_count() or 1
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
+        "machine": {"cores": cores, "cpu": numerics.cpu_model(), "isa": numerics.isa(),
+                    "arch": platform.machine(),
                     "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
         "versions": {"torch": torch.__version__, "torchserve": _version("torchserve"),
                      "python": platform.python_version()},

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
         for d in client.versions(args.model):
             workers = ", ".join(f"{w['pid']}:{w['status']}" for w in d.get("workers", [])) or "no workers"
             print(f"{args.model} {d['modelVersion']}{' (default)' if d['default'] else ''}: "
-                  f"{d['modelUrl']}, batch {d['batchSize']}/{d['maxBatchDelay']} ms, {workers}")
+                  f"{d['modelUrl']}, batch {d['batchSize']}/{d['maxBatchDelay']} ms, {workers}"
+                  f"{numerics_line(client, args.model, d)}")
     elif args.command == "register":
         print(client.register(args.archive, args.workers))
     elif args.command == "promote":
@@ -85,6 +86,18 @@ def run(args: argparse.Namespace) -> None:
         print(client.scale(args.model, args.workers, args.version, args.force, args.drain_timeout))
     elif args.command == "unregister":
         print(client.unregister(args.model, args.version, args.force, args.drain_timeout))
+
+
+def numerics_line(client: TorchServeClient, model: str, described: dict) -> str:
+    """`, numerics fp32-cl (auto; fp32 154 img/s, fp32-cl 222 img/s; ...)`: what a worker chose and measured."""
+    if not any(w.get("status") == "READY" for w in described.get("workers", [])):
+        return ""
+    handler = client.handler_description(model, described["modelVersion"]) or {}
+    choice = handler.get("numerics")
+    if not choice:
+        return ""
+    timed = ", ".join(f"{mode} {rate:.0f} img/s" for mode, rate in choice.get("images_per_s", {}).items())
+    return f", numerics {choice['mode']} ({choice['chosen_by']}{'; ' + timed if timed else ''})"
 
 
 def main(argv: list[str] | None = None) -> int:

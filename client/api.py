@@ -120,6 +120,16 @@ class TorchServeClient:
         return sorted(({**d, "default": d["modelVersion"] == default} for d in described),
                       key=lambda d: _version_key(d["modelVersion"]))
 
+    def handler_description(self, model: str, version: str) -> dict | None:
+        """What one worker of that version says about itself (labels, limits, the numerics it chose and its
+        timings): the management API's `?customized=true`, answered by the handler's `describe`. None when the
+        version has no ready worker to ask."""
+        described = self._call("management", "GET", f"/models/{model}/{version}", params={"customized": "true"})
+        metadata = described[0].get("customizedMetadata") if described else None
+        if isinstance(metadata, str):  # older frontends hand the handler's JSON through as a string
+            metadata = json.loads(metadata) if metadata.startswith("{") else None
+        return metadata if isinstance(metadata, dict) else None
+
     def default_version(self, model: str) -> str:
         """Describing a model without a version describes its default version."""
         return self._call("management", "GET", f"/models/{model}")[0]["modelVersion"]

@@ -1,0 +1,183 @@
+"""How a worker runs its network on this host: the numeric mode, chosen by measurement at start-up.
+
+The right mode depends on the CPU, and this project's hosts change: on an Intel Xeon with AMX, bf16 autocast
+with channels_last ran cifar10 2.0 3.2× faster than fp32; on an AMD EPYC (Zen 3, AVX2 only) bf16 is emulated and
+ran 5-12× slower, while fp32 channels_last ran 1.6× faster than plain fp32. So a worker times the candidate
+modes on its own host and serves with the fastest one whose top-1 agrees with fp32 on the reference images
+shipped in the archive. Shipped inside every archive, so it imports nothing but torch and numpy.
+
+Modes:
+    fp32      contiguous NCHW float32: the reference every other mode is checked against;
+    fp32-cl   float32 in channels_last (NHWC) memory format: oneDNN's blocked kernels, same arithmetic;
+    bf16      channels_last under bfloat16 autocast: a candidate only where the hardware computes bf16 natively
+              (AMX or AVX512-BF16 on a CPU, a CUDA device that supports it); logits come back as float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+MODES = ("fp32", "fp32-cl", "bf16")
+REQUESTS = ("auto", *MODES)
+MIN_AGREEMENT = 0.995  # top-1 agreement with fp32 on the reference images a mode needs to be served
+MIN_GAIN = 1.05  # a mode replaces a more exact one only when faster by more than timing noise (5%)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where the file does not exist, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                "unknown")
+
+
+def isa(flags: set[str] | None = None) -> list[str]:
+    """The vector/matrix extensions that decide which mode is fast: what logs and benchmarks record."""
+    flags = cpu_flags() if flags is None else flags
+    return [flag for flag in REPORTED_FLAGS if flag in flags]
+
+
+def candidates(device: torch.device, flags: set[str] | None = None) -> tuple[str, ...]:
+    """The modes worth timing on this device: bf16 only where it is computed natively."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = any(flag in (cpu_flags() if flags is None else flags) for flag in BF16_FLAGS)
+    return MODES if native else MODES[:2]
+
+
+class Runner(nn.Module):
+    """The network run in one mode: float32 NCHW in, float32 logits out, whatever happens inside."""
+
+    def __init__(self, model: nn.Module, mode: str, device: torch.device) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"numerics must be one of {REQUESTS}, got {mode!r}")
+        self.mode = mode
+        self.device_type = device.type
+        self.memory_format = torch.contiguous_format if mode == "fp32" else torch.channels_last
+        self.model = model.to(device=device, memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.mode == "bf16"):
+            return self.model(x).float()
+
+
+@dataclass
+class Choice:
+    """What a worker serves with and why: shown in its log and in `python -m client versions`."""
+
+    mode: str
+    chosen_by: str  # "auto" (measured here) or "config" (handler.numerics in the model-config YAML)
+    images_per_s: dict[str, float] = field(default_factory=dict)  # per candidate, at the worker's batch size
+    agreement: dict[str, float] = field(default_factory=dict)  # top-1 agreement with fp32 on the reference set
+    seconds: float = 0.0
+    isa: list[str] = field(default_factory=isa)
+
+    def summary(self) -> str:
+        timed = ", ".join(f"{mode} {rate:.0f} img/s" for mode, rate in self.images_per_s.items())
+        agreed = ", ".join(f"{mode} {share:.1%}" for mode, share in self.agreement.items())
+        return (f"numerics {self.mode} ({self.chosen_by}; {timed or 'not timed'}; top-1 agreement with fp32: "
+                f"{agreed or 'not checked'}; {self.seconds:.1f} s; ISA {' '.join(self.isa) or 'unknown'})")
+
+
+def _images_per_s(runner: Runner, batch: torch.Tensor, seconds: float) -> float:
+    with torch.inference_mode():
+        runner(batch).cpu()  # first call: kernel selection and allocation, not timed
+        done, start = 0, time.perf_counter()
+        while done == 0 or time.perf_counter() - start < seconds:
+            runner(batch).cpu()  # .cpu() waits for a GPU to finish, so the time is the real time
+            done += len(batch)
+        return done / (time.perf_counter() - start)
+
+
+def top1(runner: Runner, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([runner(images[i:i + batch_size]).argmax(1).cpu()
+                          for i in range(0, len(images), batch_size)])
+
+
+def choose(model: nn.Module, device: torch.device, requested: str, reference: torch.Tensor, batch_size: int,
+           seconds: float = 0.3) -> tuple[Runner, Choice]:
+    """The runner to serve with: `requested` as configured, or for "auto" the fastest candidate (faster than fp32
+    by more than MIN_GAIN, else fp32 itself) whose top-1 agrees with fp32 on at least MIN_AGREEMENT of `reference`
+    (normalised float images). Timed on batches of `batch_size`, the worker's server-side batch."""
+    if requested not in REQUESTS:
+        raise ValueError(f"handler.numerics must be one of {REQUESTS}, got {requested!r}")
+    start = time.perf_counter()
+    if requested != "auto":
+        return Runner(model, requested, device), Choice(requested, "config")
+    batch = reference[:batch_size].to(device)
+    runners = {mode: Runner(copy.deepcopy(model), mode, device) for mode in candidates(device)}
+    rates = {mode: _images_per_s(runner, batch, seconds) for mode, runner in runners.items()}
+    choice = Choice("fp32", "auto", {mode: round(rate, 1) for mode, rate in rates.items()})
+    expected = None
+    for mode in sorted(rates, key=rates.get, reverse=True):
+        if mode == "fp32" or rates[mode] < MIN_GAIN * rates["fp32"]:
+            break
+        expected = top1(runners["fp32"], reference.to(device)) if expected is None else expected
+        agreement = (top1(runners[mode], reference.to(device)) == expected).float().mean().item()
+        choice.agreement[mode] = round(agreement, 4)
+        if agreement >= MIN_AGREEMENT:
+            choice.mode = mode
+            break
+    choice.seconds = round(time.perf_counter() - start, 2)
+    return runners[choice.mode], choice
+
+
+def choose_once(record: Path, model: nn.Module, device: torch.device, reference: torch.Tensor,
+                batch_size: int) -> tuple[Runner, Choice]:
+    """`choose(..., "auto", ...)` once per version and host: the first worker measures and writes `record` (in the
+    model directory TorchServe unpacks once per version, under a file lock), the others serve the same mode. So
+    every worker of a version answers with the same numerics, whichever one a request reaches, and a second
+    worker's start-up costs no measuring. A record from another host, device, torch or batch size is measured
+    again; a read-only model directory falls back to measuring in each worker."""
+    key = {"cpu": cpu_model(), "isa": isa(), "device": str(device), "torch": torch.__version__,
+           "batch_size": batch_size, "reference_images": len(reference)}
+    try:
+        lock = open(record.with_name(record.name + ".lock"), "a")
+    except OSError:
+        return choose(model, device, "auto", reference, batch_size)
+    with lock:  # closing it releases the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            saved = json.loads(record.read_text())
+            if saved["key"] == key:
+                choice = Choice(**saved["choice"])
+                choice.chosen_by = "auto, measured by the version's first worker"
+                return Runner(model, choice.mode, device), choice
+        runner, choice = choose(model, device, "auto", reference, batch_size)
+        with contextlib.suppress(OSError):
+            record.write_text(json.dumps({"key": key, "choice": asdict(choice)}))
+        return runner, choice
+
+
+def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The archive's reference images (uint8 N×C×H×W) and their true labels."""
+    with np.load(path) as data:
+        return torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])

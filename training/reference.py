@@ -1,0 +1,49 @@
+"""The reference images shipped in every archive: a fixed sample of the held-out validation split.
+
+    python -m training.reference --dataset cifar10 --data-source npz --data-path ../shared/data/cifar10_train.npz
+
+A worker checks a faster numeric mode against fp32 on these images before it serves with it
+(`models/numerics.py`). They are the first REFERENCE_SIZE images of the validation split (already a seeded
+permutation, so a class-balanced sample in expectation), never seen in training, and live in
+`models/weights/<dataset>_reference.npz` so that `make archive` on a clone without the data still ships them.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from models.specs import SPECS
+from models.zoo import WEIGHTS_DIR
+from training import data
+
+REFERENCE_SIZE = 400  # 99.5% agreement then allows 2 disagreements; fp32 on 400 images costs ~2 s (2.0, Zen 3)
+
+
+def path_for(dataset: str) -> Path:
+    return WEIGHTS_DIR / f"{dataset}_reference.npz"
+
+
+def reference_set(dataset: str, source: str, path: Path, val_size: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 N×C×H×W images, int64 labels): the first REFERENCE_SIZE images of the validation split."""
+    images, labels = data.load(dataset, source, path)
+    split = data.split(images, labels, val_size)
+    return split.val_images[:REFERENCE_SIZE].numpy(), split.val_labels[:REFERENCE_SIZE].numpy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(SPECS), required=True)
+    p.add_argument("--data-source", choices=data.SOURCES, default="npz")
+    p.add_argument("--data-path", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="defaults to models/weights/<dataset>_reference.npz")
+    args = p.parse_args(argv)
+    images, labels = reference_set(args.dataset, args.data_source, args.data_path)
+    out = args.out or path_for(args.dataset)
+    np.savez_compressed(out, images=images, labels=labels)
+    print(f"{out}: {len(images)} validation images, {out.stat().st_size / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()
