@@ -23,6 +23,9 @@ class DatasetSpec:
     classes: tuple[str, ...]
     # MNIST digits are light ink on a dark background; photos and scans are the opposite and must be inverted.
     light_on_dark: bool = False
+    # A mirror image is still an image of the same class (a photo of a cat) or not (a mirrored 7): test-time
+    # augmentation, which averages over mirror images (models/inference.py), only makes sense for the first.
+    mirror_symmetric: bool = True
     _scale: torch.Tensor = field(init=False, repr=False, compare=False)
     _shift: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -41,6 +44,11 @@ class DatasetSpec:
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, height, width): what the seeds' `shape` field must say."""
         return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def tta_levels(self) -> tuple[int, ...]:
+        """The test-time augmentation levels this data set admits: every level but 0 includes mirror images."""
+        return (0, 1, 2) if self.mirror_symmetric else (0,)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N×C×H×W → normalised float32, the exact tensor the network was trained on."""
@@ -64,6 +72,7 @@ MNIST = DatasetSpec(
     std=(0.3081,),
     classes=tuple(str(digit) for digit in range(10)),
     light_on_dark=True,
+    mirror_symmetric=False,
 )
 
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (CIFAR10, MNIST)}
