@@ -14,6 +14,7 @@ response timeout, so no request can make the frontend declare the worker dead.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -32,7 +33,8 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers import oip, payload
 from handlers.imaging import InputError, Limits, decode_opened, open_image
 from handlers.payload import Batch
-from models.inference import TTA_LEVELS, tta_logits
+from models import numerics
+from models.inference import calibrated_probabilities
 from models.specs import DatasetSpec
 
 logger = logging.getLogger(__name__)
@@ -63,12 +65,16 @@ class ImageClassifier(BaseHandler):
         torch.set_num_threads(threads)
 
         self.device = self._device(properties)
-        self.model = self._load_model(model_dir).to(self.device)
-        if config.get("fold_batchnorm", False) and hasattr(self.model, "fold_batchnorm"):
-            self.model.fold_batchnorm()  # exact in eval mode; opt-in, as it measured no faster on this CPU
+        model = self._load_model(model_dir)
+        if config.get("fold_batchnorm", False) and hasattr(model, "fold_batchnorm"):
+            model.fold_batchnorm()  # exact in eval mode; opt-in, as it measured no faster on this CPU
+        self.model, self.numerics = self._numerics(model, model_dir, str(config.get("numerics", "auto")),
+                                                   int(yaml_config.get("batchSize", 8)))
         self.tta = int(config.get("tta", 0))
-        if self.tta not in TTA_LEVELS:
-            raise ValueError(f"handler.tta must be one of {TTA_LEVELS}, got {self.tta}")
+        if self.tta not in self.spec.tta_levels:
+            raise ValueError(f"handler.tta must be one of {self.spec.tta_levels} for {self.spec.name} (levels above 0 "
+                             f"average over mirror images), got {self.tta}")
+        self.temperature = self._temperature(model_dir)
         self.labels = self._labels(model_dir)
         self.num_classes = len(self.labels)
         self.version = str(self.manifest["model"].get("modelVersion", ""))
@@ -77,8 +83,9 @@ class ImageClassifier(BaseHandler):
         self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
         with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
             self.model(self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)).to(self.device))
-        logger.info("%s %s ready on %s: %d threads, topk %d, tta %d, limits %s", self.spec.name, self.version,
-                    self.device, threads, self.topk, self.tta, self.limits)
+        logger.info("%s %s ready on %s: %d threads, %s, topk %d, tta %d, temperature %.4f, limits %s",
+                    self.spec.name, self.version, self.device, threads, self.numerics.summary(), self.topk, self.tta,
+                    self.temperature, self.limits)
         self.initialized = True
 
     @staticmethod
@@ -89,6 +96,38 @@ class ImageClassifier(BaseHandler):
         if gpu_id is not None and torch.cuda.is_available():
             return torch.device(f"cuda:{gpu_id}")
         return torch.device("cpu")
+
+    def _numerics(self, model: torch.nn.Module, model_dir: Path, requested: str,
+                  batch_size: int) -> tuple[numerics.Runner, numerics.Choice]:
+        """The network wrapped in the numeric mode to serve with (models/numerics.py): as configured, or measured
+        on this host against the archive's reference images, once per version (its workers share the result).
+        An archive without reference images serves fp32."""
+        reference_file = model_dir / "reference.npz"
+        if requested == "auto" and not reference_file.exists():
+            logger.warning("%s has no reference.npz (built before numerics were chosen per host): serving fp32",
+                           model_dir)
+            return numerics.Runner(model, "fp32", self.device), numerics.Choice("fp32", "no reference images")
+        if requested != "auto":
+            return numerics.choose(model, self.device, requested, torch.empty(0), batch_size)
+        reference = self.spec.normalize(numerics.load_reference(reference_file)[0])
+        return numerics.choose_once(model_dir / ".numerics.json", model, self.device, reference, batch_size)
+
+    def _temperature(self, model_dir: Path) -> float:
+        """T for this TTA level from the archive's model card (training/calibration.py fits it on the validation
+        split). An archive built from a card without calibration serves T = 1, the uncalibrated softmax, and says
+        so in its log."""
+        card_file = model_dir / "model_card.json"
+        card = json.loads(card_file.read_text()) if card_file.exists() else {}
+        fitted = card.get("calibration", {}).get("levels", {}).get(str(self.tta))
+        if fitted is None:
+            logger.warning("%s %s is not calibrated (no temperature for tta %d in %s): its probabilities are the "
+                           "raw softmax", self.spec.name, self.manifest["model"].get("modelVersion", ""), self.tta,
+                           card_file.name if card_file.exists() else "the archive, which has no model card")
+            return 1.0
+        temperature = float(fitted["temperature"])
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"{card_file}: temperature for tta {self.tta} must be positive, got {temperature}")
+        return temperature
 
     def _load_model(self, model_dir: Path) -> torch.nn.Module:
         """The archive's model file defines one nn.Module class; its state_dict loads with weights_only=True."""
@@ -169,7 +208,8 @@ class ImageClassifier(BaseHandler):
     def describe(self) -> dict:
         """What `GET :8081/models/<model>/<version>?customized=true` shows as customizedMetadata."""
         return {"model": self.spec.name, "version": self.version, "labels": self.labels, "topk": self.topk,
-                "input": {"shape": list(self.spec.input_shape)}, "tta": self.tta,
+                "input": {"shape": list(self.spec.input_shape)}, "tta": self.tta, "temperature": self.temperature,
+                "numerics": dataclasses.asdict(self.numerics), "device": str(self.device),
                 "limits": {k: getattr(self.limits, k) for k in Limits.__dataclass_fields__}}
 
     def _open_row(self, row: dict, idx: int) -> tuple[list[tuple[Any, str]], tuple, int]:
@@ -267,15 +307,16 @@ class ImageClassifier(BaseHandler):
         return Batch(images=images, plans=plans, protocols=[payload.protocol_of(row) for row in data])
 
     def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
-        """One forward pass for every image of every request in the batch.
+        """One forward pass (per TTA view) for every image of every request in the batch, then calibrated
+        probabilities: softmax(output / T), averaged over the views.
 
-        Softmax turns LeNet's logits into probabilities, and turns the MNIST ConvNet's log-probabilities into
-        the same probabilities as exp() would (softmax(log p) = p / Σp = p), so one rule serves both.
+        The MNIST ConvNet outputs log-probabilities; as logits they give the same softmax (softmax(log p) = p), so
+        one rule, temperature included, serves both kinds of network.
         """
         if len(batch.images):
             with torch.inference_mode():
                 images = batch.images.to(self.device, non_blocking=True)
-                batch.probabilities = torch.softmax(tta_logits(self.model, images, self.tta), dim=1).cpu()
+                batch.probabilities = calibrated_probabilities(self.model, images, self.tta, self.temperature).cpu()
         return batch
 
     def postprocess(self, batch: Batch) -> list[bytes]:

@@ -4,8 +4,10 @@
     python -m serving.archive --model cifar10 --version 2.0 --arch lenet --weights path/to/weights.pt
 
 An archive holds the model file, the weights, the handler, the model-config YAML and, as extra files, the
-`handlers/` and `models/specs.py` modules the handler imports (kept as packages, so the same import lines work
-in the repository and in the worker) plus `index_to_name.json`. Each archive gets a `.sha256` file beside it,
+`handlers/` and `models/` modules the handler imports (kept as packages, so the same import lines work
+in the repository and in the worker), `index_to_name.json`, the data set's reference images (`reference.npz`,
+see training/reference.py) and the weights' model card (`model_card.json`, whose calibration section gives the
+temperature the handler divides logits by). Each archive gets a `.sha256` file beside it,
 which `make serve` checks before it starts.
 """
 from __future__ import annotations
@@ -27,15 +29,21 @@ from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
                   "handlers/payload.py", "handlers/oip.py", "models/__init__.py", "models/specs.py",
-                  "models/inference.py"]
+                  "models/inference.py", "models/numerics.py"]
+REFERENCE_FILE = "reference.npz"  # the reference images a worker checks a faster numeric mode against
+CARD_FILE = "model_card.json"  # the weights' model card: accuracy, recipe, and the calibration temperatures
 
 
-def stage_extra_files(model: str, dest: Path) -> Path:
+def stage_extra_files(model: str, dest: Path, weights: Path) -> Path:
     """The folder passed as --extra-files: its contents land at the archive's root."""
     for relative in STAGED_MODULES:
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, target)
+    shutil.copy2(ROOT / "models" / "weights" / f"{model}_reference.npz", dest / REFERENCE_FILE)
+    card = weights.with_suffix(".json")
+    if card.exists():  # the handler takes its temperature from the card's calibration section
+        shutil.copy2(card, dest / CARD_FILE)
     labels = {str(i): name for i, name in enumerate(SPECS[model].classes)}
     (dest / "index_to_name.json").write_text(json.dumps(labels, indent=1) + "\n")
     return dest
@@ -50,7 +58,7 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
         raise FileNotFoundError(f"weights not found: {version.weights}")
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
-        extra = stage_extra_files(version.model, Path(tmp) / "extra")
+        extra = stage_extra_files(version.model, Path(tmp) / "extra", version.weights)
         out_dir = Path(tmp) / "out"
         out_dir.mkdir()
         # The archiver stages files in $TMPDIR/<model-name>/, a path shared by every build of that model on the

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from models import zoo
-from models.inference import tta_logits
+from models.inference import calibrated_probabilities, tta_logits
+from models.numerics import Runner
 from models.specs import CIFAR10, SPECS
 from serving.catalog import SHIPPED
 from tests import images
@@ -214,8 +215,9 @@ def test_mnist_inverts_dark_digits_on_light_background(harness):
 
 @pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
 def test_handler_tensor_equals_training_tensor_and_probabilities_equal_softmax(harness, version):
-    """The handler's tensor is training's tensor, and its probabilities are the softmax of the shipped weights'
-    logits, computed here by a network built independently from models/weights (not the handler's own)."""
+    """The handler's tensor is training's tensor, and its probabilities are the calibrated softmax
+    (softmax(logits / T)) of the shipped weights' logits, computed here by a network built independently from
+    models/weights (not the handler's own), run in the numeric mode the worker chose."""
     spec = SPECS[version.model]
     reference = zoo.get(version.arch).build()
     reference.load_state_dict(torch.load(version.weights, weights_only=True))
@@ -229,8 +231,9 @@ def test_handler_tensor_equals_training_tensor_and_probabilities_equal_softmax(h
     batch = h.preprocess(rows)
     training_tensor = spec.normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2))
     assert torch.equal(batch.images, training_tensor)
+    runner = Runner(reference, h.handler.model.mode, torch.device("cpu"))
     with torch.inference_mode():
-        expected = torch.softmax(tta_logits(reference, training_tensor, h.handler.tta), dim=1)
+        expected = calibrated_probabilities(runner, training_tensor, h.handler.tta, h.handler.temperature)
     # The same batch of 6 through the same kernels: equal up to float noise; 1e-6 is the served rounding.
     torch.testing.assert_close(h.handler.inference(batch).probabilities, expected, atol=1e-6, rtol=0)
     for (status, body), probs in zip(h.run(rows, [{"X-TopK": "10"}] * len(rows)), expected, strict=True):

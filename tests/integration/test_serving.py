@@ -254,3 +254,48 @@ def test_cli_over_tls_with_keys(served_prod):
                           str(served_prod.verify), "predict", "examples/cat.png"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("examples/cat.png: cat "), out.stderr
+
+
+@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
+def test_served_probabilities_equal_the_calibrated_in_process_ones(served, predict_url, version):
+    """Every probability a real server answers (all 10 classes, one request at a time, so each is a batch of
+    one) equals softmax(logits / T) computed here with the card's T by an independently built network in the
+    numeric mode the version's workers report, one thread as in a worker: within 1e-6 (answers are rounded to 6
+    places, 5e-7; the same kernels on the same input otherwise)."""
+    import json
+
+    from client.api import TorchServeClient
+    from handlers.imaging import Limits, decode_image
+    from models import zoo
+    from models.inference import calibrated_probabilities
+    from models.numerics import Runner
+    from models.specs import SPECS
+    from tests import images
+
+    spec = SPECS[version.model]
+    described = TorchServeClient(management_url=served.url("management")).handler_description(
+        version.model, version.version)
+    card = json.loads(version.weights.with_suffix(".json").read_text())
+    temperature = card["calibration"]["levels"][str(described["tta"])]["temperature"]
+    assert described["temperature"] == temperature
+    model = zoo.get(version.arch).build()
+    model.load_state_dict(torch.load(version.weights, weights_only=True))
+    runner = Runner(model.eval(), described["numerics"]["mode"], torch.device("cpu"))
+    pictures = ([images.digit(), images.digit(dark_on_light=True)] if spec.channels == 1
+                else [images.noise(32, 32, seed=i) for i in range(3)] + [CAT, HORSE])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for picture in pictures:
+            png = picture if isinstance(picture, bytes) else images.encode(picture)
+            response = requests.put(predict_url(f"{version.model}/{version.version}"), data=png,
+                                    headers={"X-TopK": "10"}, timeout=30)
+            assert response.status_code == 200, response.text
+            decoded = decode_image(png, spec.image_size, spec.channels, Limits(), spec.light_on_dark)
+            pixels = spec.normalize(torch.tensor(decoded).permute(2, 0, 1)[None])
+            with torch.inference_mode():
+                expected = calibrated_probabilities(runner, pixels, described["tta"], temperature)[0]
+            served_probs = torch.tensor([response.json()[label] for label in spec.classes])
+            torch.testing.assert_close(served_probs, expected, atol=1e-6, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
