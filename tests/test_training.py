@@ -246,3 +246,16 @@ def test_archives_of_one_model_build_side_by_side(tmp_path):
     for path in built:
         with zipfile.ZipFile(path) as zf:
             assert zf.testzip() is None and "handlers/image_classifier.py" in zf.namelist()
+
+
+def test_training_runs_on_the_cpu_unless_cuda_is_there(tmp_path, capsys):
+    """--device auto picks CUDA only when it is available, and the card says where training ran; asking for
+    CUDA on a machine without it is refused before any work."""
+    card = run(tmp_path, "--device", "auto", epochs=1)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert card["training"]["device"] == expected
+    assert card["training"]["autocast"] == ("bf16" if expected == "cuda" else None)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            run(tmp_path, "--device", "cuda", epochs=1)
+        assert "CUDA is not available" in capsys.readouterr().err
