@@ -123,10 +123,11 @@ def top1(runner: Runner, images: torch.Tensor, batch_size: int = 64) -> torch.Te
 
 
 def choose(model: nn.Module, device: torch.device, requested: str, reference: torch.Tensor, batch_size: int,
-           seconds: float = 0.3) -> tuple[Runner, Choice]:
+           seconds: float = 0.3, expected: torch.Tensor | None = None) -> tuple[Runner, Choice]:
     """The runner to serve with: `requested` as configured, or for "auto" the fastest candidate (faster than fp32
     by more than MIN_GAIN, else fp32 itself) whose top-1 agrees with fp32 on at least MIN_AGREEMENT of `reference`
-    (normalised float images). Timed on batches of `batch_size`, the worker's server-side batch."""
+    (normalised float images). Timed on batches of `batch_size`, the worker's server-side batch. `expected`: fp32's
+    top-1 for `reference` when the archive ships it (computed when it was built), else computed here."""
     if requested not in REQUESTS:
         raise ValueError(f"handler.numerics must be one of {REQUESTS}, got {requested!r}")
     start = time.perf_counter()
@@ -136,7 +137,6 @@ def choose(model: nn.Module, device: torch.device, requested: str, reference: to
     runners = {mode: Runner(copy.deepcopy(model), mode, device) for mode in candidates(device)}
     rates = {mode: _images_per_s(runner, batch, seconds) for mode, runner in runners.items()}
     choice = Choice("fp32", "auto", {mode: round(rate, 1) for mode, rate in rates.items()})
-    expected = None
     for mode in sorted(rates, key=rates.get, reverse=True):
         if mode == "fp32" or rates[mode] < MIN_GAIN * rates["fp32"]:
             break
@@ -151,7 +151,7 @@ def choose(model: nn.Module, device: torch.device, requested: str, reference: to
 
 
 def choose_once(record: Path, model: nn.Module, device: torch.device, reference: torch.Tensor,
-                batch_size: int) -> tuple[Runner, Choice]:
+                batch_size: int, expected: torch.Tensor | None = None) -> tuple[Runner, Choice]:
     """`choose(..., "auto", ...)` once per version and host: the first worker measures and writes `record` (in the
     model directory TorchServe unpacks once per version, under a file lock), the others serve the same mode. So
     every worker of a version answers with the same numerics, whichever one a request reaches, and a second
@@ -162,7 +162,7 @@ def choose_once(record: Path, model: nn.Module, device: torch.device, reference:
     try:
         lock = open(record.with_name(record.name + ".lock"), "a")
     except OSError:
-        return choose(model, device, "auto", reference, batch_size)
+        return choose(model, device, "auto", reference, batch_size, expected=expected)
     with lock:  # closing it releases the lock
         fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -171,13 +171,15 @@ def choose_once(record: Path, model: nn.Module, device: torch.device, reference:
                 choice = Choice(**saved["choice"])
                 choice.chosen_by = "auto, measured by the version's first worker"
                 return Runner(model, choice.mode, device), choice
-        runner, choice = choose(model, device, "auto", reference, batch_size)
+        runner, choice = choose(model, device, "auto", reference, batch_size, expected=expected)
         with contextlib.suppress(OSError):
             record.write_text(json.dumps({"key": key, "choice": asdict(choice)}))
         return runner, choice
 
 
-def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The archive's reference images (uint8 N×C×H×W) and their true labels."""
+def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The reference images (uint8 N×C×H×W), their true labels, and fp32's top-1 for them where an archive's copy
+    records it (serving/archive.py adds it at build time, so a worker need not run fp32 over them)."""
     with np.load(path) as data:
-        return torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
+        fp32_top1 = torch.from_numpy(data["fp32_top1"]) if "fp32_top1" in data else None
+        return torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), fp32_top1

@@ -4,11 +4,11 @@
     python -m serving.archive --model cifar10 --version 2.0 --arch lenet --weights path/to/weights.pt
 
 An archive holds the model file, the weights, the handler, the model-config YAML and, as extra files, the
-`handlers/` and `models/` modules the handler imports (kept as packages, so the same import lines work
-in the repository and in the worker), `index_to_name.json`, the data set's reference images (`reference.npz`,
-see training/reference.py) and the weights' model card (`model_card.json`, whose calibration section gives the
-temperature the handler divides logits by). Each archive gets a `.sha256` file beside it,
-which `make serve` checks before it starts.
+`handlers/` and `models/` modules the handler imports (kept as packages, so the same import lines work in the
+repository and in the worker), `index_to_name.json`, the data set's reference images with fp32's top-1 for them
+(`reference.npz`, see training/reference.py and models/numerics.py) and the weights' model card
+(`model_card.json`, whose calibration section gives the temperature the handler divides logits by). Each archive
+gets a `.sha256` file beside it, which `make serve` checks before it starts.
 """
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from models import zoo
 from models.checksum import sha256_of
+from models.numerics import Runner, load_reference, top1
 from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
 
@@ -34,13 +38,23 @@ REFERENCE_FILE = "reference.npz"  # the reference images a worker checks a faste
 CARD_FILE = "model_card.json"  # the weights' model card: accuracy, recipe, and the calibration temperatures
 
 
-def stage_extra_files(model: str, dest: Path, weights: Path) -> Path:
+def write_reference(model: str, weights: Path, arch: zoo.Architecture, dest: Path) -> None:
+    """The data set's reference images plus fp32's top-1 for them with these weights: a worker checks a faster
+    numeric mode against that answer without running fp32 over the images at every start (models/numerics.py)."""
+    images, labels, _ = load_reference(ROOT / "models" / "weights" / f"{model}_reference.npz")
+    network = arch.build()
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    fp32 = top1(Runner(network.eval(), "fp32", torch.device("cpu")), SPECS[model].normalize(images))
+    np.savez_compressed(dest, images=images.numpy(), labels=labels.numpy(), fp32_top1=fp32.numpy())
+
+
+def stage_extra_files(model: str, dest: Path, weights: Path, arch: zoo.Architecture) -> Path:
     """The folder passed as --extra-files: its contents land at the archive's root."""
     for relative in STAGED_MODULES:
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, target)
-    shutil.copy2(ROOT / "models" / "weights" / f"{model}_reference.npz", dest / REFERENCE_FILE)
+    write_reference(model, weights, arch, dest / REFERENCE_FILE)
     card = weights.with_suffix(".json")
     if card.exists():  # the handler takes its temperature from the card's calibration section
         shutil.copy2(card, dest / CARD_FILE)
@@ -58,7 +72,7 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
         raise FileNotFoundError(f"weights not found: {version.weights}")
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
-        extra = stage_extra_files(version.model, Path(tmp) / "extra", version.weights)
+        extra = stage_extra_files(version.model, Path(tmp) / "extra", version.weights, arch)
         out_dir = Path(tmp) / "out"
         out_dir.mkdir()
         # The archiver stages files in $TMPDIR/<model-name>/, a path shared by every build of that model on the
