@@ -2,7 +2,8 @@
 
 Life cycle, as TorchServe drives it: `initialize` once per worker, then `handle` per server-side batch, which
 runs `preprocess` (every request row → images, one uint8 tensor for the whole batch, normalised in one
-operation), `inference` (one forward pass) and `postprocess` (top-k per image, one JSON body per request).
+operation), `inference` (one forward pass, calibrated probabilities, and Integrated Gradients for the rows that
+asked for an explanation) and `postprocess` (top-k per image, one JSON body per request).
 A row that cannot be served gets its own 4xx through `context.set_response_status`; the rest of the batch
 still answers 200, and no input can raise out of `handle` and cost the batch or the worker.
 
@@ -23,6 +24,7 @@ import math
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,6 +83,10 @@ class ImageClassifier(BaseHandler):
         self.model_name = str(self.manifest["model"].get("modelName", self.spec.name))
         self.topk = self._clamp_topk(config.get("topk", 5), "the model-config YAML's handler.topk")
         self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
+        self.explain_steps = int(config.get("explain_steps", 64))
+        self.integrated_gradients = self._integrated_gradients()
+        # Integrated Gradients' baseline, "no signal": the all-black image (for mnist, an empty page of ink).
+        self.baseline = self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)).to(self.device)
         with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
             self.model(self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)).to(self.device))
         logger.info("%s %s ready on %s: %d threads, %s, topk %d, tta %d, temperature %.4f, limits %s",
@@ -109,8 +115,34 @@ class ImageClassifier(BaseHandler):
             return numerics.Runner(model, "fp32", self.device), numerics.Choice("fp32", "no reference images")
         if requested != "auto":
             return numerics.choose(model, self.device, requested, torch.empty(0), batch_size)
-        reference = self.spec.normalize(numerics.load_reference(reference_file)[0])
-        return numerics.choose_once(model_dir / ".numerics.json", model, self.device, reference, batch_size)
+        images, _, fp32_top1 = numerics.load_reference(reference_file)
+        return numerics.choose_once(model_dir / ".numerics.json", model, self.device, self.spec.normalize(images),
+                                    batch_size, expected=fp32_top1)
+
+    def _integrated_gradients(self) -> Any:
+        """Captum's Integrated Gradients over the network in float32 (whatever mode predictions use: gradients in
+        bf16 would blur the attributions), or None where Captum is not installed: explanations then answer 501
+        and predictions are unaffected."""
+        try:
+            from captum.attr import IntegratedGradients
+        except ImportError:
+            logger.warning("captum is not installed: /explanations will answer 501")
+            return None
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)  # only the input's gradient is needed; serving never trains
+        runner = self.model
+        return IntegratedGradients(lambda x: runner.model(x.contiguous(memory_format=runner.memory_format)))
+
+    def _explain(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: Integrated Gradients of the target class's output (logit; log-probability for mnist) from
+        the black baseline in `explain_steps` steps, summed over channels ([n, H, W]), and the completeness delta
+        (how far the attributions' sum is from output(image) - output(baseline))."""
+        x = images.to(self.device)
+        with torch.enable_grad():
+            attributions, delta = self.integrated_gradients.attribute(
+                x, baselines=self.baseline.expand_as(x), target=targets.to(self.device), n_steps=self.explain_steps,
+                internal_batch_size=self.explain_steps, return_convergence_delta=True)
+        return attributions.sum(1).detach().cpu(), delta.detach().cpu()
 
     def _temperature(self, model_dir: Path) -> float:
         """T for this TTA level from the archive's model card (training/calibration.py fits it on the validation
@@ -187,7 +219,8 @@ class ImageClassifier(BaseHandler):
         """One server-side batch → one answer per request, each decided from that request alone.
 
         A `describe` request (the management API's `?customized=true`) gets this model's description, an
-        `explain` request (`/explanations`) its own 501; the other requests of the batch are predicted as usual.
+        `explain` request (`/explanations`, KServe's `:explain`) its explanation; the other requests of the batch
+        are predicted as usual.
         """
         started = time.time()
         self.context = context
@@ -210,13 +243,23 @@ class ImageClassifier(BaseHandler):
         return {"model": self.spec.name, "version": self.version, "labels": self.labels, "topk": self.topk,
                 "input": {"shape": list(self.spec.input_shape)}, "tta": self.tta, "temperature": self.temperature,
                 "numerics": dataclasses.asdict(self.numerics), "device": str(self.device),
+                "explanations": {"method": "integrated gradients (Captum)", "baseline": "black image",
+                                 "steps": self.explain_steps, "available": self.integrated_gradients is not None},
                 "limits": {k: getattr(self.limits, k) for k in Limits.__dataclass_fields__}}
 
-    def _open_row(self, row: dict, idx: int) -> tuple[list[tuple[Any, str]], tuple, int]:
-        """Parse one request and open its images' headers: (images with where they came from, (form, k, id),
-        pixel cost). A v2 pixel tensor is already an image: it is only checked against the model's input."""
+    def _open_row(self, row: dict, idx: int, explain: bool) -> tuple[list[tuple[Any, str]], tuple, int]:
+        """Parse one request and open its images' headers: (images with where they came from,
+        (form, k, id, explain), pixel cost). A v2 pixel tensor is already an image: it is only checked against the
+        model's input."""
         request = payload.parse(row, self.limits)
         topk = self._request_topk(request, idx)
+        if explain and self.integrated_gradients is None:
+            raise InputError("explanations need Captum, which this server does not have; /predictions answers the "
+                             "same request", status=501, error_type="NotImplemented")
+        if explain and len(request.items) > self.limits.max_explain_images:
+            raise InputError(f"an explanation costs {self.explain_steps} forward and backward passes per image; the "
+                             f"limit is {self.limits.max_explain_images} images per explanation request, this one "
+                             f"holds {len(request.items)}", status=413, error_type="RequestTooExpensive")
         opened, cost = [], 0
         for item in request.items:
             self._check_shape(item)
@@ -235,7 +278,7 @@ class ImageClassifier(BaseHandler):
                              f"{self.limits.max_request_pixels:,} pixels per request (a JPEG counts at the reduced "
                              "scale it is decoded at): send fewer or smaller images", status=413,
                              error_type="RequestTooExpensive")
-        return opened, (request.form, topk, request.request_id), cost
+        return opened, (request.form, topk, request.request_id, explain), cost
 
     def _decode(self, opened: list[tuple[Any, str]]) -> list[np.ndarray]:
         pixels = []
@@ -255,10 +298,7 @@ class ImageClassifier(BaseHandler):
         for a request answered on its own."""
         if self._header(idx, "describe") == "True":
             return payload.DESCRIBE
-        if self._header(idx, "explain") == "True":
-            raise InputError("explanations are not available for this model yet; /predictions answers the same "
-                             "request", status=501, error_type="NotImplemented")
-        return self._open_row(row, idx)
+        return self._open_row(row, idx, explain=self._header(idx, "explain") == "True")
 
     def preprocess(self, data: list[dict]) -> Batch:
         """Decode every request within the batch's budgets; stack all images once and normalise them in one go.
@@ -304,7 +344,8 @@ class ImageClassifier(BaseHandler):
         size, channels = self.spec.image_size, self.spec.channels
         stacked = np.stack(pixels) if pixels else np.empty((0, size, size, channels), dtype=np.uint8)
         images = self.spec.normalize(torch.from_numpy(stacked).permute(0, 3, 1, 2))
-        return Batch(images=images, plans=plans, protocols=[payload.protocol_of(row) for row in data])
+        return Batch(images=images, plans=plans, protocols=[payload.protocol_of(row) for row in data],
+                     deadline=deadline)
 
     def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """One forward pass (per TTA view) for every image of every request in the batch, then calibrated
@@ -317,7 +358,49 @@ class ImageClassifier(BaseHandler):
             with torch.inference_mode():
                 images = batch.images.to(self.device, non_blocking=True)
                 batch.probabilities = calibrated_probabilities(self.model, images, self.tta, self.temperature).cpu()
+        explained = False
+        for idx, plan in enumerate(batch.plans):
+            if not (isinstance(plan, tuple) and plan[5]):
+                continue
+            if explained and time.monotonic() > batch.deadline:  # the first explanation is always given
+                batch.plans[idx] = InputError(f"this server-side batch ran past its {self.limits.batch_deadline_ms} "
+                                              "ms deadline before reaching the explanation; send it again",
+                                              status=503, error_type="Busy", retry_after=RETRY_AFTER_S)
+                continue
+            start, count = plan[:2]
+            targets = batch.probabilities[start:start + count].argmax(1)
+            batch.explanations[idx] = (*self._explain(batch.images[start:start + count], targets), targets)
+            explained = True
         return batch
+
+    def _explanation(self, batch: Batch, idx: int, rows: range, form: str, k: int, request_id: str | None) -> Any:
+        """One request's explanations in its own form: per image the top label, its calibrated probability, the
+        top-k, and the attribution map (H×W, channels summed); KServe v1 `{"explanations": [...]}`, v2 an OIP
+        answer with `labels`, `probabilities` and `attributions` [N, H, W] tensors."""
+        attributions, deltas, targets = batch.explanations[idx]
+        probabilities = batch.probabilities[rows.start:rows.stop]
+        labels = [self.labels[int(t)] for t in targets]
+        top = [float(probabilities[i, int(t)]) for i, t in enumerate(targets)]
+        if form == payload.V2:
+            n, height, width = attributions.shape
+            return {"id": request_id or str(uuid.uuid4()), "model_name": self.model_name,
+                    "model_version": self.version, "outputs": [
+                        {"name": "labels", "datatype": "BYTES", "shape": [n], "data": labels},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [n], "data": top},
+                        {"name": "attributions", "datatype": "FP32", "shape": [n, height, width],
+                         "data": attributions.flatten().tolist()}]}
+        items = []
+        for i, (label, p) in enumerate(zip(labels, top, strict=True)):
+            values, indices = probabilities[i].topk(k)
+            items.append({"label": label, "probability": round(p, 6), "model_version": self.version,
+                          "topk": {self.labels[c]: round(v, 6) for c, v in zip(indices.tolist(), values.tolist(),
+                                                                               strict=True)},
+                          "attributions": [[round(v, 6) for v in line] for line in attributions[i].tolist()],
+                          "completeness_delta": round(float(deltas[i]), 6), "method": "integrated_gradients",
+                          "baseline": "black", "steps": self.explain_steps})
+        if form == payload.KSERVE:
+            return {"explanations": items}
+        return items[0] if form == payload.SINGLE else items
 
     def postprocess(self, batch: Batch) -> list[bytes]:
         """One compact JSON body per request: label → probability, highest first, rounded to 6 places; a KServe
@@ -351,8 +434,12 @@ class ImageClassifier(BaseHandler):
             if plan == payload.DESCRIBE:
                 results.append(json.dumps(self.describe(), separators=(",", ":")).encode())
                 continue
-            start, count, form, k, request_id = plan
+            start, count, form, k, request_id, explain = plan
             rows = range(start, start + count)
+            if explain:
+                results.append(json.dumps(self._explanation(batch, idx, rows, form, k, request_id),
+                                          separators=(",", ":")).encode())
+                continue
             if form == payload.V2:
                 body: Any = oip.response(self.model_name, self.version, request_id,
                                          [[self.labels[c] for c in top_indices[i][:k]] for i in rows],

@@ -71,6 +71,7 @@ class Limits:
     max_request_pixels: int = 12_000_000  # per request, summed over its images: ≤ 0.61 s at the worst 51 ns/pixel
     max_batch_pixels: int = 24_000_000  # per server-side batch; rows past it answer 503 + Retry-After
     batch_deadline_ms: int = 10_000  # rows not started by then answer 503; well inside responseTimeout (30 s)
+    max_explain_images: int = 4  # per /explanations request: Integrated Gradients costs `explain_steps` passes
 
 
 def check_image_count(count: int, limits: Limits) -> None:

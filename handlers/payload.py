@@ -9,7 +9,7 @@ back, and the `topk` it asked for (validated by the handler, which knows the cla
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,10 +51,14 @@ class Batch:
     """What flows through preprocess → inference → postprocess for one server-side batch."""
 
     images: torch.Tensor
-    # Per request row: the InputError to answer, DESCRIBE, or (first image index, image count, form, k, id).
-    plans: list[InputError | str | tuple[int, int, str, int, str | None]]
+    # Per request row: the InputError to answer, DESCRIBE, or
+    # (first image index, image count, form, k, id, explain).
+    plans: list[InputError | str | tuple[int, int, str, int, str | None, bool]]
     probabilities: torch.Tensor | None = None
     protocols: list[str | None] | None = None  # per row: KSERVE or V2 when it speaks one of KServe's protocols
+    deadline: float = 0.0  # time.monotonic() past which no more work starts for this batch
+    # Per explained row: ([n, H, W] attributions summed over channels, [n] completeness deltas, [n] targets).
+    explanations: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def parse(row: dict, limits: Limits) -> Request:

@@ -1,6 +1,7 @@
 """Image bytes for tests, written with Pillow in every format and mode the handlers must accept or refuse."""
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -15,6 +16,10 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **params) -> bytes
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -315,8 +315,9 @@ def test_explain_and_describe_are_decided_per_request(harness):
     h = harness("cifar10")
     rows = [{"body": PNG}] * 4
     results = h.run(rows, [{"explain": "True"}, {}, {"describe": "True"}, {}])
-    assert results[0][0] == 501 and results[0][1]["type"] == "NotImplemented"
+    assert results[0][0] == 200 and len(results[0][1]["attributions"]) == 32  # the explanation, for that row only
     assert results[1][0] == results[3][0] == 200 and next(iter(results[1][1])) in CIFAR10.classes
+    assert "attributions" not in results[1][1] and results[1][1] == results[3][1]
     assert results[2][0] == 200 and results[2][1]["labels"] == list(CIFAR10.classes)
     assert results[2][1]["limits"]["max_request_pixels"] > 0
 
