@@ -13,7 +13,7 @@ WEIGHTS ?=
 ARCH    ?=
 
 .PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate reference export archive serve \
-        certs kserve stop status lint test test-unit soak bench clean
+        certs kserve stop status lint test test-unit soak bench demo browser-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -35,6 +35,13 @@ bench-deps: $(VENV)/.bench-installed
 	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && \
 		{ apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk); } \
 		|| echo "wrk is not installed and could not be installed: the benchmark smoke test will skip"; }
+
+# Headless Chromium and its driver for the demo page's browser test, from Debian's packages when missing.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver); } \
+		|| echo "chromium is not installed and could not be installed: the demo page's browser test will skip"; }
 
 # Data comes from DATA_DIR when it holds the npz files, otherwise torchvision downloads it into data/.
 data_args = $(if $(wildcard $(DATA_DIR)/$(1)_train.npz),--data-source npz --data-path $(DATA_DIR)/$(1)_train.npz,--data-source torchvision --data-path data)
@@ -89,7 +96,7 @@ status: install  ## models, versions and workers of the running server
 lint: install  ## ruff (pinned; rules in pyproject.toml): pyflakes, pycodestyle errors, import order, bugbear
 	$(VENV)/bin/ruff check .
 
-test: install bench-deps lint  ## lint, then the whole suite: unit, training and integration tests against a real TorchServe
+test: install bench-deps browser-deps lint  ## lint, then the whole suite: unit, training and integration tests against a real TorchServe
 	$(PY) -m pytest
 
 test-unit: install  ## everything that needs no server
@@ -100,6 +107,9 @@ soak: install  ## 3 minutes at 32 connections of good and bad requests against t
 
 bench: install bench-deps  ## TorchServe vs its in-process ceiling and Flask, gunicorn, LitServe (writes benchmarks/results/)
 	$(PY) -m benchmarks.run
+
+demo: install  ## the demo page on the origin config.properties admits (cors_allowed_origin); needs make serve
+	$(PY) -m client.demo
 
 clean:  ## remove built archives, logs and checkpoints (keeps .venv and the shipped weights)
 	rm -rf model_store/*.mar model_store/*.sha256 logs checkpoints exports build
