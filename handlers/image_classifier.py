@@ -352,7 +352,8 @@ class ImageClassifier(BaseHandler):
         probabilities: softmax(output / T), averaged over the views.
 
         The MNIST ConvNet outputs log-probabilities; as logits they give the same softmax (softmax(log p) = p), so
-        one rule, temperature included, serves both kinds of network.
+        one rule, temperature included, serves both kinds of network. Rows that asked for an explanation then get
+        Integrated Gradients for their images (`_explain`) while the batch's deadline lasts.
         """
         if len(batch.images):
             with torch.inference_mode():
