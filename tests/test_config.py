@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from serving.catalog import SHIPPED, config_file
+from serving.catalog import ROOT, SHIPPED, config_file
 from serving.server import PROFILES, read_properties
 
 BATCHING = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
@@ -70,3 +70,18 @@ def test_yaml_limits_are_the_handlers_defaults_and_fit_the_response_timeout(vers
     assert limits == asdict(Limits())
     assert Limits().batch_deadline_ms <= config["responseTimeout"] * 1000 / 2
     assert Limits().max_request_pixels <= Limits().max_batch_pixels
+
+
+def test_cors_admits_the_demo_origin_only_and_prod_admits_none(tmp_path):
+    """One loopback origin, which `make demo` serves the page at; `*` or a remote origin is refused by the demo
+    command; the production profile names no origin, so no web page may call it."""
+    from client.demo import origin_and_api
+
+    origin, api = origin_and_api(ROOT / "config.properties")
+    assert origin == "http://127.0.0.1:8090" and api == "http://127.0.0.1:8080"
+    assert "cors_allowed_origin" not in read_properties(ROOT / "config.prod.properties")
+    for bad in ("*", "https://example.com", "http://127.0.0.1"):
+        config = tmp_path / "c.properties"
+        config.write_text(f"inference_address=http://127.0.0.1:8080\ncors_allowed_origin={bad}\n")
+        with pytest.raises(SystemExit, match="must be one http://127.0.0.1:<port> origin"):
+            origin_and_api(config)
