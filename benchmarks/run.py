@@ -25,7 +25,6 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
@@ -64,19 +63,22 @@ def bench_images(dest: Path, count: int = 64) -> list[Path]:
     return paths
 
 
+def images_per_second(handler: InProcessHandler, pngs: list[bytes], seconds: float, batch: int) -> float:
+    """The handler's whole work (decode, forward, top-k, JSON) on server-side batches of `batch` PNGs, after one
+    untimed batch."""
+    rows = [{"body": pngs[i % len(pngs)]} for i in range(batch)]
+    handler.handle(rows)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        handler.handle(rows)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
 def ceiling(model_dir: Path, pngs: list[bytes], seconds: float) -> dict[str, float]:
     """Images/s of the handler's whole per-batch work in this process, one thread (as a worker runs)."""
     handler = InProcessHandler(model_dir)
-    results = {}
-    for batch in (1, 8, 32):
-        rows = [{"body": pngs[i % len(pngs)]} for i in range(batch)]
-        handler.handle(rows)
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            handler.handle(rows)
-            done += batch
-        results[f"batch_{batch}"] = round(done / (time.perf_counter() - start), 1)
-    return results
+    return {f"batch_{batch}": round(images_per_second(handler, pngs, seconds, batch), 1) for batch in (1, 8, 32)}
 
 
 def parse_wrk(text: str) -> dict:
@@ -163,16 +165,9 @@ def build_round2_archive(store: Path, tmp: Path) -> None:
     shutil.move(built, store / ROUND2_ARCHIVE)
 
 
-def served_numerics(server: TorchServe, model: str, version: str) -> str:
+def served_numerics(client: TorchServeClient, model: str, version: str) -> str:
     """The numeric mode a worker of that version chose (its handler's describe), as the results record it."""
-    described = TorchServeClient(management_url=server.url("management")).handler_description(model, version)
-    return (described or {}).get("numerics", {}).get("mode", "unknown")
-
-
-def register(server: TorchServe, **params: Any) -> None:
-    response = requests.post(f"{server.url('management')}/models", timeout=300,
-                             params={**params, "synchronous": "true"})
-    response.raise_for_status()
+    return (client.handler_description(model, version) or {}).get("numerics", {}).get("mode", "unknown")
 
 
 def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: float, png_list: Path,
@@ -188,22 +183,22 @@ def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: flo
         runs = {"torchserve": measure(f"{base}/cifar10", connections, seconds, pids, png_list)}
         workers = [int(w["pid"]) for d in server.describe("cifar10") for w in d["workers"]]
         facts["worker_rss_mib"] = rss_mib(workers)
-        facts["numerics"] = {"cifar10 1.0": served_numerics(server, "cifar10", "1.0")}
+        client = TorchServeClient(management_url=server.url("management"), timeout=300)
+        facts["numerics"] = {"cifar10 1.0": served_numerics(client, "cifar10", "1.0")}
         if not smoke:
             runs["torchserve cifar10 2.0"] = measure(f"{base}/cifar10/2.0", connections, seconds, pids, png_list)
-            facts["numerics"]["cifar10 2.0"] = served_numerics(server, "cifar10", "2.0")
+            facts["numerics"]["cifar10 2.0"] = served_numerics(client, "cifar10", "2.0")
             # The same network as the previous round served it (1 worker, 1 thread, fp32): the baseline this
             # round's 2.0 target is a multiple of, measured on the same host in the same run.
-            register(server, url=ROUND2_ARCHIVE, model_name="cifar10_v2_round2", initial_workers=1)
+            client.register(ROUND2_ARCHIVE, 1, model_name="cifar10_v2_round2")
             runs["torchserve cifar10 2.0, round-2 config"] = measure(f"{base}/cifar10_v2_round2", connections,
                                                                      seconds, pids, png_list)
             # The latency knob: with maxBatchDelay 0 the frontend never waits for company and adds at most one
             # already-queued request to a batch (Model.pollBatch); batching off is batch size 1.
-            register(server, url="cifar10.mar", model_name="cifar10_delay0", batch_size=8, max_batch_delay=0,
-                     initial_workers=2)
+            client.register("cifar10.mar", 2, model_name="cifar10_delay0", batch_size=8, max_batch_delay=0)
             runs["torchserve batch 8 / 0 ms"] = measure(f"{base}/cifar10_delay0", connections, seconds, pids,
                                                         png_list)
-            register(server, url="cifar10.mar", model_name="cifar10_nobatch", batch_size=1, initial_workers=2)
+            client.register("cifar10.mar", 2, model_name="cifar10_nobatch", batch_size=1)
             runs["torchserve batching off"] = measure(f"{base}/cifar10_nobatch", connections, seconds, pids,
                                                       png_list)
     finally:

@@ -12,24 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.run import bench_images
+from benchmarks.run import bench_images, images_per_second
 from serving import archive
 from serving.catalog import SHIPPED
 from serving.inprocess import InProcessHandler, unpack
-
-
-def images_per_second(handler: InProcessHandler, pngs: list[bytes], seconds: float, batch: int = 8) -> float:
-    handler.handle([{"body": pngs[i % len(pngs)]} for i in range(batch)])
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        handler.handle([{"body": pngs[(done + i) % len(pngs)]} for i in range(batch)])
-        done += batch
-    return done / (time.perf_counter() - start)
 
 
 def table(model: str, version: str, seconds: float) -> list[dict]:
@@ -45,7 +35,7 @@ def table(model: str, version: str, seconds: float) -> list[dict]:
             handler = InProcessHandler(model_dir, {"handler": {"tta": int(level)}})
             rows.append({"tta": int(level), "accuracy": fitted["after"]["accuracy"],
                          "temperature": fitted["temperature"], "numerics": handler.handler.numerics.mode,
-                         "images_per_s": round(images_per_second(handler, pngs, seconds), 1)})
+                         "images_per_s": round(images_per_second(handler, pngs, seconds, batch=8), 1)})
     return rows
 
 

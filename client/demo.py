@@ -14,10 +14,10 @@ import http.server
 from pathlib import Path
 from urllib.parse import urlparse
 
+from serving.catalog import ROOT
 from serving.server import read_properties
 
 STATIC = Path(__file__).resolve().parent / "static"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def origin_and_api(config: Path) -> tuple[str, str]:
@@ -25,8 +25,7 @@ def origin_and_api(config: Path) -> tuple[str, str]:
     properties = read_properties(config)
     origin = properties.get("cors_allowed_origin", "")
     parsed = urlparse(origin)
-    if origin == "*" or parsed.scheme != "http" or parsed.hostname not in ("127.0.0.1", "localhost") \
-            or not parsed.port:
+    if parsed.scheme != "http" or parsed.hostname not in ("127.0.0.1", "localhost") or not parsed.port:
         raise SystemExit(f"{config}: cors_allowed_origin must be one http://127.0.0.1:<port> origin for the demo "
                          f"page, not {origin!r}")
     return origin, properties["inference_address"]

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -88,7 +87,7 @@ class ImageClassifier(BaseHandler):
         # Integrated Gradients' baseline, "no signal": the all-black image (for mnist, an empty page of ink).
         self.baseline = self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)).to(self.device)
         with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
-            self.model(self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)).to(self.device))
+            self.model(self.baseline)
         logger.info("%s %s ready on %s: %d threads, %s, topk %d, tta %d, temperature %.4f, limits %s",
                     self.spec.name, self.version, self.device, threads, self.numerics.summary(), self.topk, self.tta,
                     self.temperature, self.limits)
@@ -339,7 +338,7 @@ class ImageClassifier(BaseHandler):
                 plans[idx] = exc
                 continue
             spent += cost
-            plans[idx] = (len(pixels), len(images), *answer)
+            plans[idx] = payload.Planned(len(pixels), len(images), *answer)
             pixels.extend(images)
         size, channels = self.spec.image_size, self.spec.channels
         stacked = np.stack(pixels) if pixels else np.empty((0, size, size, channels), dtype=np.uint8)
@@ -361,47 +360,43 @@ class ImageClassifier(BaseHandler):
                 batch.probabilities = calibrated_probabilities(self.model, images, self.tta, self.temperature).cpu()
         explained = False
         for idx, plan in enumerate(batch.plans):
-            if not (isinstance(plan, tuple) and plan[5]):
+            if not (isinstance(plan, payload.Planned) and plan.explain):
                 continue
             if explained and time.monotonic() > batch.deadline:  # the first explanation is always given
                 batch.plans[idx] = InputError(f"this server-side batch ran past its {self.limits.batch_deadline_ms} "
                                               "ms deadline before reaching the explanation; send it again",
                                               status=503, error_type="Busy", retry_after=RETRY_AFTER_S)
                 continue
-            start, count = plan[:2]
+            start, count = plan.start, plan.count
             targets = batch.probabilities[start:start + count].argmax(1)
             batch.explanations[idx] = (*self._explain(batch.images[start:start + count], targets), targets)
             explained = True
         return batch
 
-    def _explanation(self, batch: Batch, idx: int, rows: range, form: str, k: int, request_id: str | None) -> Any:
-        """One request's explanations in its own form: per image the top label, its calibrated probability, the
-        top-k, and the attribution map (H×W, channels summed); KServe v1 `{"explanations": [...]}`, v2 an OIP
-        answer with `labels`, `probabilities` and `attributions` [N, H, W] tensors."""
+    def _explanation(self, batch: Batch, idx: int, plan: payload.Planned, topk: list[dict[str, float]]) -> Any:
+        """One request's explanations in its own form: per image the explained (top) label, its calibrated
+        probability, the top-k (`topk`, as a prediction answers it), and the attribution map (H×W, channels
+        summed); KServe v1 `{"explanations": [...]}`, v2 an OIP answer with `labels`, `probabilities` and
+        `attributions` [N, H, W] tensors."""
         attributions, deltas, targets = batch.explanations[idx]
-        probabilities = batch.probabilities[rows.start:rows.stop]
+        probabilities = batch.probabilities[plan.start:plan.start + plan.count]
         labels = [self.labels[int(t)] for t in targets]
         top = [float(probabilities[i, int(t)]) for i, t in enumerate(targets)]
-        if form == payload.V2:
+        if plan.form == payload.V2:
             n, height, width = attributions.shape
-            return {"id": request_id or str(uuid.uuid4()), "model_name": self.model_name,
-                    "model_version": self.version, "outputs": [
-                        {"name": "labels", "datatype": "BYTES", "shape": [n], "data": labels},
-                        {"name": "probabilities", "datatype": "FP32", "shape": [n], "data": top},
-                        {"name": "attributions", "datatype": "FP32", "shape": [n, height, width],
-                         "data": attributions.flatten().tolist()}]}
-        items = []
-        for i, (label, p) in enumerate(zip(labels, top, strict=True)):
-            values, indices = probabilities[i].topk(k)
-            items.append({"label": label, "probability": round(p, 6), "model_version": self.version,
-                          "topk": {self.labels[c]: round(v, 6) for c, v in zip(indices.tolist(), values.tolist(),
-                                                                               strict=True)},
-                          "attributions": [[round(v, 6) for v in line] for line in attributions[i].tolist()],
-                          "completeness_delta": round(float(deltas[i]), 6), "method": "integrated_gradients",
-                          "baseline": "black", "steps": self.explain_steps})
-        if form == payload.KSERVE:
+            return oip.answer(self.model_name, self.version, plan.request_id, [
+                {"name": "labels", "datatype": "BYTES", "shape": [n], "data": labels},
+                {"name": "probabilities", "datatype": "FP32", "shape": [n], "data": top},
+                {"name": "attributions", "datatype": "FP32", "shape": [n, height, width],
+                 "data": attributions.flatten().tolist()}])
+        items = [{"label": label, "probability": round(p, 6), "model_version": self.version, "topk": topk[i],
+                  "attributions": [[round(v, 6) for v in line] for line in attributions[i].tolist()],
+                  "completeness_delta": round(float(deltas[i]), 6), "method": "integrated_gradients",
+                  "baseline": "black", "steps": self.explain_steps}
+                 for i, (label, p) in enumerate(zip(labels, top, strict=True))]
+        if plan.form == payload.KSERVE:
             return {"explanations": items}
-        return items[0] if form == payload.SINGLE else items
+        return items[0] if plan.form == payload.SINGLE else items
 
     def postprocess(self, batch: Batch) -> list[bytes]:
         """One compact JSON body per request: label → probability, highest first, rounded to 6 places; a KServe
@@ -435,22 +430,20 @@ class ImageClassifier(BaseHandler):
             if plan == payload.DESCRIBE:
                 results.append(json.dumps(self.describe(), separators=(",", ":")).encode())
                 continue
-            start, count, form, k, request_id, explain = plan
-            rows = range(start, start + count)
-            if explain:
-                results.append(json.dumps(self._explanation(batch, idx, rows, form, k, request_id),
-                                          separators=(",", ":")).encode())
-                continue
-            if form == payload.V2:
-                body: Any = oip.response(self.model_name, self.version, request_id,
+            rows, k = range(plan.start, plan.start + plan.count), plan.k
+            if plan.form == payload.V2 and not plan.explain:
+                body: Any = oip.response(self.model_name, self.version, plan.request_id,
                                          [[self.labels[c] for c in top_indices[i][:k]] for i in rows],
                                          [top_values[i][:k] for i in rows])
                 results.append(json.dumps(body, separators=(",", ":")).encode())
                 continue
             answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k], strict=True)}
                        for i in rows]
-            body = answers[0] if form == payload.SINGLE else answers
-            if form == payload.KSERVE:
+            if plan.explain:
+                results.append(json.dumps(self._explanation(batch, idx, plan, answers), separators=(",", ":")).encode())
+                continue
+            body = answers[0] if plan.form == payload.SINGLE else answers
+            if plan.form == payload.KSERVE:
                 body = {"predictions": answers}
             results.append(json.dumps(body, separators=(",", ":")).encode())
         return results

@@ -124,15 +124,20 @@ def to_pixels(array: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarra
     return np.ascontiguousarray(array, dtype=np.uint8)
 
 
+def answer(model_name: str, version: str, request_id: str | None, outputs: list[dict]) -> dict:
+    """A v2 answer around its output tensors; the request's id echoed, or a new one."""
+    return {"id": request_id or str(uuid.uuid4()), "model_name": model_name, "model_version": version,
+            "outputs": outputs}
+
+
 def response(model_name: str, version: str, request_id: str | None, labels: list[list[str]],
              probabilities: list[list[float]]) -> dict:
-    """The v2 answer: labels and probabilities, each [N, k], highest first."""
+    """The v2 answer to a prediction: labels and probabilities, each [N, k], highest first."""
     n, k = len(labels), len(labels[0]) if labels else 0
-    return {"id": request_id or str(uuid.uuid4()), "model_name": model_name, "model_version": version,
-            "outputs": [
-                {"name": "labels", "datatype": "BYTES", "shape": [n, k], "data": [x for row in labels for x in row]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [n, k],
-                 "data": [p for row in probabilities for p in row]}]}
+    return answer(model_name, version, request_id, [
+        {"name": "labels", "datatype": "BYTES", "shape": [n, k], "data": [x for row in labels for x in row]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [n, k],
+         "data": [p for row in probabilities for p in row]}])
 
 
 class _PassThrough:

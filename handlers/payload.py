@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,14 +46,23 @@ class Request:
     request_id: str | None = None
 
 
+class Planned(NamedTuple):
+    """A request that will be answered: where its images sit in the batch, and how to answer it."""
+
+    start: int  # index of its first image in the batch
+    count: int
+    form: str  # SINGLE, LIST, KSERVE or V2
+    k: int
+    request_id: str | None
+    explain: bool  # an explanation (Integrated Gradients) rather than a prediction
+
+
 @dataclass
 class Batch:
     """What flows through preprocess → inference → postprocess for one server-side batch."""
 
     images: torch.Tensor
-    # Per request row: the InputError to answer, DESCRIBE, or
-    # (first image index, image count, form, k, id, explain).
-    plans: list[InputError | str | tuple[int, int, str, int, str | None, bool]]
+    plans: list[InputError | str | Planned]  # per request row: the InputError to answer, DESCRIBE, or its Planned
     probabilities: torch.Tensor | None = None
     protocols: list[str | None] | None = None  # per row: KSERVE or V2 when it speaks one of KServe's protocols
     deadline: float = 0.0  # time.monotonic() past which no more work starts for this batch

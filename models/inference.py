@@ -9,25 +9,28 @@ Shipped in every archive, so it imports nothing but torch.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-TTA_LEVELS = (0, 1, 2)
+# Per level, the weight of each view in the order `tta_views` yields them (the image, its mirror, then each shifted
+# copy and its mirror); they sum to 1.
+TTA_WEIGHTS: dict[int, tuple[float, ...]] = {0: (1.0,), 1: (0.5, 0.5), 2: (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)}
+TTA_LEVELS = tuple(TTA_WEIGHTS)
 
 
 def tta_views(x: torch.Tensor, level: int = 0) -> list[tuple[float, torch.Tensor]]:
-    """(weight, view) pairs whose weights sum to 1: the image, its mirror, and for level 2 two shifted copies."""
+    """(weight, view) pairs: the image, its mirror, and for level 2 two shifted copies with their mirrors."""
     if level not in TTA_LEVELS:
         raise ValueError(f"tta level must be one of {TTA_LEVELS}, got {level!r}")
-    if level == 0:
-        return [(1.0, x)]
-    if level == 1:
-        return [(0.5, x), (0.5, x.flip(3))]
-    height, width = x.shape[2:]
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = [padded[:, :, :height, :width], padded[:, :, 2:, 2:]]
-    return [(0.25, x), (0.25, x.flip(3))] + [(0.125, v) for s in shifted for v in (s, s.flip(3))]
+    views = [x] if level == 0 else [x, x.flip(3)]
+    if level == 2:
+        height, width = x.shape[2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        views += [v for s in (padded[:, :, :height, :width], padded[:, :, 2:, 2:]) for v in (s, s.flip(3))]
+    return list(zip(TTA_WEIGHTS[level], views, strict=True))
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tensor:
@@ -35,7 +38,14 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tenso
     return sum(weight * model(view) for weight, view in tta_views(x, level))
 
 
+def mean_softmax(view_logits: Iterable[torch.Tensor], weights: Sequence[float], temperature: float) -> torch.Tensor:
+    """Σ_v w_v · softmax(logits_v / T): the one formula for a served probability, which calibration fits T for."""
+    return sum(w * torch.softmax(logits / temperature, dim=-1)
+               for w, logits in zip(weights, view_logits, strict=True))
+
+
 def calibrated_probabilities(model: nn.Module, x: torch.Tensor, level: int = 0,
                              temperature: float = 1.0) -> torch.Tensor:
     """The weighted mean of the views' softmax(logits / T): the probabilities the server answers with."""
-    return sum(weight * torch.softmax(model(view) / temperature, dim=1) for weight, view in tta_views(x, level))
+    views = tta_views(x, level)
+    return mean_softmax((model(view) for _, view in views), [weight for weight, _ in views], temperature)

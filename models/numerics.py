@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,25 +35,25 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where the file does not exist, e.g. macOS)."""
+@functools.cache
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (None where the file or the line does not exist, e.g.
+    macOS); read once per process."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":")[0].strip() == field),
+                None)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                "unknown")
+    return _cpuinfo("model name") or "unknown"
 
 
 def isa(flags: set[str] | None = None) -> list[str]:

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import torch
 
+from models.inference import mean_softmax
+
 BINS = 15
 T_RANGE = (0.05, 20.0)  # searched in log space; the shipped models land between 0.5 and 1.5
 
 
 def probabilities(view_logits: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[V, N, C] logits of V augmented views (weights summing to 1) → [N, C] mean calibrated probabilities."""
-    return torch.einsum("v,vnc->nc", weights, torch.softmax(view_logits.double() / temperature, dim=2))
+    """[V, N, C] logits of V augmented views (weights summing to 1) → [N, C] mean calibrated probabilities, by the
+    serving formula (`models.inference.mean_softmax`), in float64 for the fit."""
+    return mean_softmax(view_logits.double(), weights.tolist(), temperature)
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models import zoo
-from models.inference import tta_logits, tta_views
+from models.inference import TTA_WEIGHTS, tta_logits, tta_views
 from models.specs import SPECS, DatasetSpec
 from training import calibration
 
@@ -47,7 +47,7 @@ def view_logits(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, level
     chunks = [[model(view).float().cpu() for _, view in tta_views(spec.normalize(chunk.to(device)), level)]
               for chunk in images.split(batch_size)]
     model.train(was_training)
-    weights = torch.tensor([w for w, _ in tta_views(spec.normalize(images[:1]), level)], dtype=torch.float64)
+    weights = torch.tensor(TTA_WEIGHTS[level], dtype=torch.float64)
     return torch.stack([torch.cat(views) for views in zip(*chunks, strict=True)]), weights
 
 
