@@ -13,7 +13,7 @@ WEIGHTS ?=
 ARCH    ?=
 
 .PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate reference export archive serve \
-        certs kserve stop status lint test test-unit soak bench demo browser-deps clean
+        certs kserve stop status lint test test-unit soak bench device-check demo browser-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ soak: install  ## 3 minutes at 32 connections of good and bad requests against t
 
 bench: install bench-deps  ## TorchServe vs its in-process ceiling and Flask, gunicorn, LitServe (writes benchmarks/results/)
 	$(PY) -m benchmarks.run
+
+device-check: install  ## the handlers on a GPU against the CPU: top-1, explanations, img/s (needs make archive, a GPU)
+	$(PY) -m benchmarks.device_check --device cuda --out benchmarks/results/device-check.json
 
 demo: install  ## the demo page on the origin config.properties admits (cors_allowed_origin); needs make serve
 	$(PY) -m client.demo

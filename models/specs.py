@@ -51,8 +51,9 @@ class DatasetSpec:
         return (0, 1, 2) if self.mirror_symmetric else (0,)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N×C×H×W → normalised float32, the exact tensor the network was trained on."""
-        return torch.addcmul(self._shift, images.float(), self._scale)
+        """uint8 N×C×H×W → normalised float32, the exact tensor the network was trained on, on the images' device
+        (training and evaluation normalise on the GPU; `.to` is free where the constants already are)."""
+        return torch.addcmul(self._shift.to(images.device), images.float(), self._scale.to(images.device))
 
 
 CIFAR10 = DatasetSpec(

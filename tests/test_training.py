@@ -259,3 +259,15 @@ def test_training_runs_on_the_cpu_unless_cuda_is_there(tmp_path, capsys):
         with pytest.raises(SystemExit):
             run(tmp_path, "--device", "cuda", epochs=1)
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_normalisation_runs_on_the_images_device():
+    """Training and evaluation normalise batches where they are (the GPU with --device cuda): the constants must
+    follow the images. The meta device stands in for a GPU here; before, this raised a device mismatch, which is
+    how the first one-epoch run on an H100 failed."""
+    on_meta = CIFAR10.normalize(torch.zeros((2, 3, 32, 32), dtype=torch.uint8, device="meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 3, 32, 32)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor(CIFAR10.mean).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(CIFAR10.normalize(pixels), (pixels / 255.0 - mean) / std)

@@ -25,11 +25,12 @@ def path_for(dataset: str) -> Path:
     return WEIGHTS_DIR / f"{dataset}_reference.npz"
 
 
-def reference_set(dataset: str, source: str, path: Path, val_size: int = 5000) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 N×C×H×W images, int64 labels): the first REFERENCE_SIZE images of the validation split."""
+def reference_set(dataset: str, source: str, path: Path, val_size: int = 5000,
+                  count: int = REFERENCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 N×C×H×W images, int64 labels): the first `count` images of the validation split."""
     images, labels = data.load(dataset, source, path)
     split = data.split(images, labels, val_size)
-    return split.val_images[:REFERENCE_SIZE].numpy(), split.val_labels[:REFERENCE_SIZE].numpy()
+    return split.val_images[:count].numpy(), split.val_labels[:count].numpy()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,8 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-source", choices=data.SOURCES, default="npz")
     p.add_argument("--data-path", type=Path, required=True)
     p.add_argument("--out", type=Path, help="defaults to models/weights/<dataset>_reference.npz")
+    p.add_argument("--count", type=int, default=REFERENCE_SIZE,
+                   help="how many validation images (a larger slice for `python -m benchmarks.device_check`)")
     args = p.parse_args(argv)
-    images, labels = reference_set(args.dataset, args.data_source, args.data_path)
+    images, labels = reference_set(args.dataset, args.data_source, args.data_path, count=args.count)
     out = args.out or path_for(args.dataset)
     np.savez_compressed(out, images=images, labels=labels)
     print(f"{out}: {len(images)} validation images, {out.stat().st_size / 1024:.0f} KiB")
