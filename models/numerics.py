@@ -109,22 +109,27 @@ class Choice:
 
 
 def _images_per_s(runners: dict[str, Runner], batch: torch.Tensor, seconds: float) -> dict[str, float]:
-    """Images/s of each runner: `seconds` apiece, spent in TIMING_ROUNDS rounds that take the candidates in turn,
-    and the best round counts. At start-up the other workers import torch and measure beside this one; timed in
-    one block each, a burst of that contention could fall on one candidate alone and decide the choice (seen: a
-    2.0 worker chose fp32 over fp32-cl, 1.7x slower, when two processes competed for the cores). Interleaved, every
-    candidate meets the same background, and the least disturbed round is the closest to the host's own speed."""
+    """Images per second of each runner, for a one-thread worker on a CPU per second of its own CPU time: the
+    candidates are measured while a version's other workers, and other versions', start beside this one, and on
+    two cores a wall clock then mostly measures who else was running. Measured so, start-ups of `make bench` chose
+    fp32 for cifar10 2.0 (1.7x slower than fp32-cl, whose wall-clock lead had shrunk to 6%) and for 1.0. The
+    thread's CPU time leaves out the time it waited for a core. Each candidate gets `seconds` of wall time in
+    TIMING_ROUNDS rounds taken in turn, and the best round counts, so what contention remains (caches, memory
+    bandwidth) falls on every candidate alike. With several torch threads the work is spread over threads this
+    clock does not see, and on a GPU the host thread waits: both use the wall clock."""
+    thread_clock = batch.device.type == "cpu" and torch.get_num_threads() == 1
     best = dict.fromkeys(runners, 0.0)
     with torch.inference_mode():
         for runner in runners.values():
             runner(batch).cpu()  # first call: kernel selection and allocation, not timed
         for _ in range(TIMING_ROUNDS):
             for mode, runner in runners.items():
-                done, start = 0, time.perf_counter()
-                while done == 0 or time.perf_counter() - start < seconds / TIMING_ROUNDS:
+                done, wall, cpu = 0, time.perf_counter(), time.thread_time()
+                while done == 0 or time.perf_counter() - wall < seconds / TIMING_ROUNDS:
                     runner(batch).cpu()  # .cpu() waits for a GPU to finish, so the time is the real time
                     done += len(batch)
-                best[mode] = max(best[mode], done / (time.perf_counter() - start))
+                elapsed = time.thread_time() - cpu if thread_clock else time.perf_counter() - wall
+                best[mode] = max(best[mode], done / max(elapsed, 1e-9))
     return best
 
 

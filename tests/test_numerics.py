@@ -17,9 +17,10 @@ from training.reference import path_for
 
 
 class LayoutSensitive(nn.Module):
-    """A stand-in network whose speed and answer depend on the memory format it is given: slow (a 3 ms sleep
-    per call) on contiguous NCHW input, fast on channels_last, where it answers either the same logits or
-    different ones (`cl_agrees`). It lets the test pin which mode must win without depending on a CPU's kernels."""
+    """A stand-in network whose speed and answer depend on the memory format it is given: slow (3 ms of busy CPU
+    per call: a one-thread worker's measure is CPU time) on contiguous NCHW input, fast on channels_last, where it
+    answers either the same logits or different ones (`cl_agrees`). It lets the test pin which mode must win
+    without depending on a CPU's kernels."""
 
     def __init__(self, cl_agrees: bool) -> None:
         super().__init__()
@@ -29,7 +30,7 @@ class LayoutSensitive(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.linear(x.flatten(1))
         if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-            time.sleep(0.003)
+            busy(0.003)
             return logits
         return logits if self.cl_agrees else logits.roll(1, dims=1)
 
@@ -46,30 +47,41 @@ def test_auto_serves_the_faster_mode_when_it_agrees_with_fp32():
     assert choice.agreement["fp32-cl"] == 1.0
 
 
-class ContendedAtFirst(LayoutSensitive):
-    """fp32-cl is the faster mode (no 3 ms penalty), but for its first 0.35 s it runs while something else holds
-    the core, as when a version's first worker measures while the other workers start: 15 ms more per call."""
+def busy(seconds: float) -> None:
+    """Compute for `seconds` of this thread's CPU time."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
+class Contended(nn.Module):
+    """fp32-cl costs 2.4 ms of CPU per call, fp32 3 ms (1.25x), and every call also waits 10 ms for a core that
+    other processes hold (a sleep: time passes, nothing is computed here), as when a version's first worker
+    measures while the other workers start on a 2-core host."""
 
     def __init__(self) -> None:
-        super().__init__(cl_agrees=True)
-        self.first_cl_call: float | None = None
+        super().__init__()
+        self.linear = nn.Linear(3 * 4 * 4, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            now = time.perf_counter()
-            self.first_cl_call = self.first_cl_call or now
-            if now - self.first_cl_call < 0.35:
-                time.sleep(0.015)
-        return super().forward(x)
+        time.sleep(0.010)
+        busy(0.0024 if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else 0.003)
+        return self.linear(x.flatten(1))
 
 
-def test_a_burst_of_contention_on_one_candidate_does_not_decide_the_choice():
-    """Candidates are timed in interleaved rounds and the best round counts: a burst that fell on fp32-cl's
-    whole timing block made the old sequential timing serve fp32 (seen on a real start-up, 1.7x slower)."""
-    runner, choice = numerics.choose(ContendedAtFirst(), torch.device("cpu"), "auto", reference_images(),
-                                     batch_size=8, seconds=0.3)
+def test_waiting_for_a_core_does_not_decide_the_choice():
+    """On the wall clock the wait shrinks fp32-cl's lead to 13/12.4 = 1.05x, under MIN_GAIN, and fp32 was served
+    (seen on real start-ups of `make bench`: cifar10 2.0 in fp32, 1.7x slower, and 1.0 in fp32). The measure is
+    thread's CPU time, which keeps the 1.25x (a worker runs one torch thread, as here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner, choice = numerics.choose(Contended(), torch.device("cpu"), "auto", reference_images(),
+                                         batch_size=8, seconds=0.3)
+    finally:
+        torch.set_num_threads(threads)
     assert choice.mode == "fp32-cl", choice
-    assert choice.images_per_s["fp32-cl"] > 2 * choice.images_per_s["fp32"]
+    assert choice.images_per_s["fp32-cl"] > 1.15 * choice.images_per_s["fp32"]
 
 
 def test_auto_refuses_a_faster_mode_that_disagrees_with_fp32():
