@@ -31,7 +31,7 @@ import psutil
 import requests
 import torch
 
-from client.api import TorchServeClient
+from client.api import TorchServeClient, numerics_choice
 from models import numerics
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
@@ -167,10 +167,10 @@ def build_round2_archive(store: Path, tmp: Path) -> None:
 
 def served_numerics(client: TorchServeClient, model: str, version: str) -> str:
     """The numeric mode a worker of that version chose and what it measured (its handler's describe), as the
-    results record it: "fp32-cl (fp32 152, fp32-cl 230 img/s)"."""
-    choice = (client.handler_description(model, version) or {}).get("numerics", {})
-    rates = ", ".join(f"{mode} {rate:.0f}" for mode, rate in choice.get("images_per_s", {}).items())
-    return f"{choice.get('mode', 'unknown')}" + (f" ({rates} img/s)" if rates else "")
+    results record it and `python -m client versions` prints it: "fp32-cl (auto; fp32 152 img/s, fp32-cl 230
+    img/s)"."""
+    choice = (client.handler_description(model, version) or {}).get("numerics")
+    return numerics_choice(choice) if choice else "unknown"
 
 
 def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: float, png_list: Path,

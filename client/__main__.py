@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from client.api import ServerError, TorchServeClient
+from client.api import ServerError, TorchServeClient, numerics_choice
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,11 +93,8 @@ def numerics_line(client: TorchServeClient, model: str, described: dict) -> str:
     if not any(w.get("status") == "READY" for w in described.get("workers", [])):
         return ""
     handler = client.handler_description(model, described["modelVersion"]) or {}
-    choice = handler.get("numerics")
-    if not choice:
-        return ""
-    timed = ", ".join(f"{mode} {rate:.0f} img/s" for mode, rate in choice.get("images_per_s", {}).items())
-    return f", numerics {choice['mode']} ({choice['chosen_by']}{'; ' + timed if timed else ''})"
+    return f", numerics {numerics_choice(handler['numerics'])}" if handler.get("numerics") else ""
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,3 +203,10 @@ class TorchServeClient:
                 raise ServerError(403, f"{model} {version} is the default version; promote another one first")
             self.drain(model, version, timeout_s=drain_timeout_s)
         return self._call("management", "DELETE", f"/models/{model}/{version}")["status"]
+
+
+def numerics_choice(choice: dict) -> str:
+    """`fp32-cl (auto; fp32 154 img/s, fp32-cl 222 img/s)` from a handler description's `numerics`: what a worker
+    chose and measured, as `python -m client versions` and the benchmark's results say it."""
+    timed = ", ".join(f"{mode} {rate:.0f} img/s" for mode, rate in choice.get("images_per_s", {}).items())
+    return f"{choice['mode']} ({choice['chosen_by']}{'; ' + timed if timed else ''})"

@@ -30,6 +30,7 @@ from models.checksum import sha256_of
 from models.numerics import Runner, load_reference, top1
 from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
+from training import reference
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
                   "handlers/payload.py", "handlers/oip.py", "models/__init__.py", "models/specs.py",
@@ -41,7 +42,7 @@ CARD_FILE = "model_card.json"  # the weights' model card: accuracy, recipe, and 
 def write_reference(model: str, weights: Path, arch: zoo.Architecture, dest: Path) -> None:
     """The data set's reference images plus fp32's top-1 for them with these weights: a worker checks a faster
     numeric mode against that answer without running fp32 over the images at every start (models/numerics.py)."""
-    images, labels, _ = load_reference(ROOT / "models" / "weights" / f"{model}_reference.npz")
+    images, labels, _ = load_reference(reference.path_for(model))
     network = arch.build()
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     fp32 = top1(Runner(network.eval(), "fp32", torch.device("cpu")), SPECS[model].normalize(images))
