@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import io
 import json
+import struct
 import sys
 import uuid
 import zipfile
@@ -56,10 +58,112 @@ def archive_imports(model_dir: Path, names: tuple[str, ...]) -> Iterator[dict[st
         raise ImportError(f"the handler imported modules from outside its archive {model_dir}: {outside}")
 
 
+# What TorchServe 0.12's frontend puts in a request it forwards to a worker, by route (read off a real frontend by
+# an echo handler: tests/integration/test_worker_rows.py keeps this harness equal to it). The client's own HTTP
+# headers follow these; /predictions and /explanations add `url_path`, KServe's routes do not.
+ROUTES = ("predictions", "explanations", "kserve", "kserve-explain", "describe", "grpc")
+EXPLAIN_ROUTES = ("explanations", "kserve-explain")
+KSERVE_ROUTES = ("kserve", "kserve-explain")
+CLIENT_HEADERS = {"Accept": "*/*", "User-Agent": "python-requests", "Host": "127.0.0.1:8080"}
+
+
+def frontend_request(row: dict, headers: dict | None = None, route: str = "predictions",
+                     request_id: str | None = None) -> dict:
+    """One request as the frontend frames it for a worker: its id, its headers and its parameters, each with the
+    content type the frontend gives it.
+
+    Routes: /predictions, /explanations, KServe's v1/v2 predict ("kserve") and explain ("kserve-explain"), the
+    management API's describe, and gRPC's Predictions. `row` holds what the client sent: {"body": ...} for a
+    request body (bytes as sent; a dict or list is sent as JSON, a str as text/plain), other names for a
+    multipart upload's parts (bytes: a file part, application/octet-stream; str: a text field). `headers` are
+    the client's own HTTP headers. A gRPC request carries no headers at all, only its input map, each entry with
+    an empty content type; a describe request no parameters.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    client = dict(headers or {})
+    parameters: list[tuple[str, str, bytes]] = []
+    multipart = list(row) != ["body"]
+    if route != "describe":
+        for name, value in row.items():
+            if isinstance(value, (dict, list)):
+                parameters.append((name, "application/json", json.dumps(value).encode()))
+            elif isinstance(value, str):  # a text body, or a multipart form's text field (which has no type)
+                parameters.append((name, "" if multipart else "text/plain", value.encode()))
+            elif multipart:  # a multipart file part, typed as clients type a file they do not know
+                parameters.append((name, "application/octet-stream", bytes(value)))
+            else:
+                parameters.append((name, client.get("Content-Type", ""), bytes(value)))
+    if route == "grpc":
+        return {"requestId": request_id or str(uuid.uuid4()), "headers": [],
+                "parameters": [(name, "", value) for name, _, value in parameters]}
+    if route != "describe" and "Content-Type" not in client:
+        if multipart:
+            client["Content-Type"] = "multipart/form-data; boundary=harness"
+        elif parameters[0][1]:
+            client["Content-Type"] = parameters[0][1]
+    framed: dict[str, str] = {}
+    if route == "describe":
+        framed["content-length"] = "0"
+    else:
+        framed["explain"] = str(route in EXPLAIN_ROUTES)
+    framed.update({**CLIENT_HEADERS, **client})
+    if route == "describe":
+        framed["describe"] = "True"
+    else:
+        framed["Content-Length"] = str(sum(len(value) for _, _, value in parameters))
+        if route not in KSERVE_ROUTES:
+            framed["url_path"] = ""
+    return {"requestId": request_id or str(uuid.uuid4()), "headers": list(framed.items()), "parameters": parameters}
+
+
+def encode_batch(requests: list[dict]) -> bytes:
+    """TorchServe's inference message (command `I`, then each request's id, headers and parameters as
+    length-prefixed fields, each list ended by -1), as the frontend writes it on the worker's socket."""
+    def field(data: bytes) -> bytes:
+        return struct.pack("!i", len(data)) + data
+
+    end = struct.pack("!i", -1)
+    message = bytearray(b"I")
+    for request in requests:
+        message += field(request["requestId"].encode())
+        for name, value in request["headers"]:
+            message += field(name.encode()) + field(value.encode())
+        message += end
+        for name, content_type, value in request["parameters"]:
+            message += field(name.encode()) + field(content_type.encode()) + field(value)
+        message += end
+    return bytes(message + end)
+
+
+def worker_batch(requests: list[dict]) -> tuple[list[Any], list[dict], dict[int, str]]:
+    """(per-request header processors, rows, request ids) exactly as a worker hands them to its handler:
+    TorchServe's own message decoder (`ts.protocol.otf_message_handler`, which JSON-decodes application/json and
+    text-decodes text/* parameters) over the encoded batch, then its own `Service.retrieve_data_for_inference`."""
+    from ts.protocol.otf_message_handler import retrieve_msg
+    from ts.service import Service
+
+    _, batch = retrieve_msg(_Socket(encode_batch(requests)))
+    return Service.retrieve_data_for_inference(batch)
+
+
+class _Socket:
+    """The one socket method the decoder calls, over bytes already received."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BytesIO(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.buffer.read(size)
+
+
 class InProcessHandler:
     """The handler class named in an unpacked archive's manifest, initialised over a real ts.context.Context."""
 
-    def __init__(self, model_dir: Path, yaml_overrides: dict | None = None, gpu: int | None = None) -> None:
+    def __init__(self, model_dir: Path, yaml_overrides: dict | None = None, gpu: int | None = None,
+                 batch_size: int | None = None) -> None:
+        """`batch_size`: what the frontend's load message says (a registration's `batch_size=`, else the YAML's
+        batchSize), which is what `context.system_properties["batch_size"]` carries."""
         import ts
         from ts.context import Context
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -70,8 +174,9 @@ class InProcessHandler:
             config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
         metrics = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
         metrics.initialize_cache()
-        self.context = Context(manifest["model"]["modelName"], str(model_dir), manifest, config["batchSize"],
-                               gpu, "0.12.0", metrics=metrics, model_yaml_config=config)
+        self.context = Context(manifest["model"]["modelName"], str(model_dir), manifest,
+                               batch_size or config["batchSize"], gpu, "0.12.0", metrics=metrics,
+                               model_yaml_config=config)
         handler_module = Path(manifest["model"]["handler"]).stem
         model_module = Path(manifest["model"]["modelFile"]).stem
         with archive_imports(model_dir, (*SHIPPED_PACKAGES, handler_module, model_module)) as self.modules:
@@ -81,31 +186,35 @@ class InProcessHandler:
             self.handler = handler_class()
             self.handler.initialize(self.context)  # imports the model file, from the archive too
 
-    def _new_batch(self, rows: list[dict], headers: list[dict] | None) -> None:
-        """What the worker does before each batch: fresh per-request headers, ids and response slots."""
-        from ts.context import RequestProcessor
-
+    def _new_batch(self, rows: list[dict], headers: list[dict] | None, routes: str | list[str]) -> list[dict]:
+        """What the frontend and the worker do before each batch: the requests framed and decoded as a worker
+        receives them, fresh per-request headers, ids and response slots. Returns the worker's rows."""
         headers = headers or [{} for _ in rows]
-        self.context.request_processor = [RequestProcessor(h) for h in headers]
-        self.context.request_ids = {i: str(uuid.uuid4()) for i in range(len(rows))}
-        self.context.metrics.request_ids = self.context.request_ids
+        routes = [routes] * len(rows) if isinstance(routes, str) else routes
+        requests = [frontend_request(row, h, route) for row, h, route in zip(rows, headers, routes, strict=True)]
+        processors, worker_rows, ids = worker_batch(requests)
+        self.context.request_processor = processors
+        self.context.request_ids = ids
+        self.context.metrics.request_ids = ids
+        return worker_rows
 
-    def handle(self, rows: list[dict], headers: list[dict] | None = None) -> list[bytes]:
-        """One server-side batch → the encoded bodies the worker would send back."""
-        self._new_batch(rows, headers)
-        outputs = self.handler.handle(rows, self.context)
+    def handle(self, rows: list[dict], headers: list[dict] | None = None,
+               routes: str | list[str] = "predictions") -> list[bytes]:
+        """One server-side batch → the encoded bodies the worker would send back. `routes`: one for the whole
+        batch or one per row (`frontend_request` lists them)."""
+        outputs = self.handler.handle(self._new_batch(rows, headers, routes), self.context)
         if len(outputs) != len(rows):
             raise RuntimeError(f"handler returned {len(outputs)} results for {len(rows)} requests")
         return outputs
 
     def preprocess(self, rows: list[dict]) -> Any:
-        self._new_batch(rows, None)
-        return self.handler.preprocess(rows)
+        return self.handler.preprocess(self._new_batch(rows, None, "predictions"))
 
-    def run(self, rows: list[dict], headers: list[dict] | None = None) -> list[tuple[int, Any]]:
+    def run(self, rows: list[dict], headers: list[dict] | None = None,
+            routes: str | list[str] = "predictions") -> list[tuple[int, Any]]:
         """One server-side batch → [(status, decoded JSON body)] per row."""
-        outputs = self.handle(rows, headers)
+        outputs = self.handle(rows, headers, routes)
         return [(self.context.get_response_status(i)[0], json.loads(out)) for i, out in enumerate(outputs)]
 
-    def one(self, row: dict, headers: dict | None = None) -> tuple[int, Any]:
-        return self.run([row], [headers or {}])[0]
+    def one(self, row: dict, headers: dict | None = None, route: str = "predictions") -> tuple[int, Any]:
+        return self.run([row], [headers or {}], route)[0]

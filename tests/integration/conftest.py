@@ -1,14 +1,18 @@
 """A real TorchServe on free ports with a private TMPDIR, built from real archives, stopped whatever happens."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
+from grpc_tools import protoc
 
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
@@ -81,3 +85,24 @@ def predict_url(served):
 
 def describe(server: TorchServe, model: str) -> list[dict]:
     return requests.get(f"{server.url('management')}/models/{model}/all", timeout=10).json()
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory) -> SimpleNamespace:
+    """Python stubs compiled now from proto/*.proto in ts/frontend/model-server.jar (never committed)."""
+    import ts
+
+    out = tmp_path_factory.mktemp("grpc_stubs")
+    with zipfile.ZipFile(Path(ts.__file__).parent / "frontend" / "model-server.jar") as jar:
+        for name in ("proto/inference.proto", "proto/management.proto", "google/rpc/status.proto"):
+            jar.extract(name, out)
+    include = Path(protoc.__file__).parent / "_proto"
+    status = protoc.main(["protoc", f"-I{out}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
+                          "proto/inference.proto", "proto/management.proto", "google/rpc/status.proto"])
+    assert status == 0
+    sys.path.insert(0, str(out))
+    try:
+        return SimpleNamespace(**{name: importlib.import_module(f"proto.{name}") for name in (
+            "inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc")})
+    finally:
+        sys.path.remove(str(out))

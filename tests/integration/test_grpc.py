@@ -8,18 +8,12 @@ and harms nobody else.
 """
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
 import requests
-from grpc_tools import protoc
 
 from serving.catalog import ROOT
 from tests.answers import same
@@ -28,27 +22,6 @@ from tests.integration.test_reliability import worker_pids
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
 DIGIT = (ROOT / "examples" / "digit7.png").read_bytes()
-
-
-@pytest.fixture(scope="session")
-def stubs(tmp_path_factory) -> SimpleNamespace:
-    """Python stubs compiled now from proto/*.proto in ts/frontend/model-server.jar (never committed)."""
-    import ts
-
-    out = tmp_path_factory.mktemp("grpc_stubs")
-    with zipfile.ZipFile(Path(ts.__file__).parent / "frontend" / "model-server.jar") as jar:
-        for name in ("proto/inference.proto", "proto/management.proto", "google/rpc/status.proto"):
-            jar.extract(name, out)
-    include = Path(protoc.__file__).parent / "_proto"
-    status = protoc.main(["protoc", f"-I{out}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
-                          "proto/inference.proto", "proto/management.proto", "google/rpc/status.proto"])
-    assert status == 0
-    sys.path.insert(0, str(out))
-    try:
-        return SimpleNamespace(**{name: importlib.import_module(f"proto.{name}") for name in (
-            "inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc")})
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.fixture(scope="module")
