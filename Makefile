@@ -62,9 +62,10 @@ evaluate: install  ## accuracy, confusion matrix, calibration (T into the cards)
 	$(PY) -m training.evaluate --weights models/weights/cifar10_airbench.pt $(call data_args,cifar10)
 	$(PY) -m training.evaluate --weights models/weights/mnist_convnet.pt $(call data_args,mnist)
 
-reference: install  ## the reference images each archive ships (models/weights/<dataset>_reference.npz)
+reference: install  ## the reference images each archive ships, and fp32's top-1 for them (models/weights/)
 	$(PY) -m training.reference --dataset cifar10 $(call data_args,cifar10)
 	$(PY) -m training.reference --dataset mnist $(call data_args,mnist)
+	$(PY) -m serving.archive --record-fp32
 
 export: install  ## TorchScript and ONNX exports of the shipped weights into exports/, checked against eager
 	$(PY) -m training.export --weights models/weights/cifar10_lenet.pt models/weights/cifar10_airbench.pt \

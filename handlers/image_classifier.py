@@ -60,17 +60,19 @@ class ImageClassifier(BaseHandler):
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         config = yaml_config.get("handler") or {}
 
-        # Workers are processes: torch threads beyond cores/workers only oversubscribe the CPU.
-        workers = max(1, int(yaml_config.get("minWorkers", 1)))
+        # Workers are processes: torch threads beyond cores/workers only oversubscribe the CPU. TorchServe tells a
+        # worker its batch size (a registration's `batch_size=` wins over the YAML's batchSize) but not how many
+        # workers share the cores, so `handler.threads` says it; without it, the YAML's maxWorkers bounds them.
+        workers = max(1, int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1))
         threads = int(config.get("threads") or max(1, (os.cpu_count() or 1) // workers))
         torch.set_num_threads(threads)
+        batch_size = int(properties.get("batch_size") or yaml_config.get("batchSize") or 1)
 
         self.device = self._device(properties)
         model = self._load_model(model_dir)
         if config.get("fold_batchnorm", False) and hasattr(model, "fold_batchnorm"):
             model.fold_batchnorm()  # exact in eval mode; opt-in, as it measured no faster on this CPU
-        self.model, self.numerics = self._numerics(model, model_dir, str(config.get("numerics", "auto")),
-                                                   int(yaml_config.get("batchSize", 8)))
+        self.model, self.numerics = self._numerics(model, model_dir, str(config.get("numerics", "auto")), batch_size)
         self.tta = int(config.get("tta", 0))
         if self.tta not in self.spec.tta_levels:
             raise ValueError(f"handler.tta must be one of {self.spec.tta_levels} for {self.spec.name} (levels above 0 "
@@ -111,7 +113,8 @@ class ImageClassifier(BaseHandler):
         if requested == "auto" and not reference_file.exists():
             logger.warning("%s has no reference.npz (built before numerics were chosen per host): serving fp32",
                            model_dir)
-            return numerics.Runner(model, "fp32", self.device), numerics.Choice("fp32", "no reference images")
+            return (numerics.Runner(model, "fp32", self.device),
+                    numerics.Choice("fp32", "no reference images", batch_size=batch_size))
         if requested != "auto":
             return numerics.choose(model, self.device, requested, torch.empty(0), batch_size)
         images, _, fp32_top1 = numerics.load_reference(reference_file)

@@ -100,11 +100,13 @@ class Choice:
     agreement: dict[str, float] = field(default_factory=dict)  # top-1 agreement with fp32 on the reference set
     seconds: float = 0.0
     isa: list[str] = field(default_factory=isa)
+    batch_size: int = 0  # the server-side batch the candidates were timed at (the worker's, from TorchServe)
 
     def summary(self) -> str:
         timed = ", ".join(f"{mode} {rate:.0f} img/s" for mode, rate in self.images_per_s.items())
         agreed = ", ".join(f"{mode} {share:.1%}" for mode, share in self.agreement.items())
-        return (f"numerics {self.mode} ({self.chosen_by}; {timed or 'not timed'}; top-1 agreement with fp32: "
+        timed = f"{timed} at batch {self.batch_size}" if timed else "not timed"
+        return (f"numerics {self.mode} ({self.chosen_by}; {timed}; top-1 agreement with fp32: "
                 f"{agreed or 'not checked'}; {self.seconds:.1f} s; ISA {' '.join(self.isa) or 'unknown'})")
 
 
@@ -149,11 +151,11 @@ def choose(model: nn.Module, device: torch.device, requested: str, reference: to
         raise ValueError(f"handler.numerics must be one of {REQUESTS}, got {requested!r}")
     start = time.perf_counter()
     if requested != "auto":
-        return Runner(model, requested, device), Choice(requested, "config")
+        return Runner(model, requested, device), Choice(requested, "config", batch_size=batch_size)
     batch = reference[:batch_size].to(device)
     runners = {mode: Runner(copy.deepcopy(model), mode, device) for mode in candidates(device)}
     rates = _images_per_s(runners, batch, seconds)
-    choice = Choice("fp32", "auto", {mode: round(rate, 1) for mode, rate in rates.items()})
+    choice = Choice("fp32", "auto", {mode: round(rate, 1) for mode, rate in rates.items()}, batch_size=batch_size)
     for mode in sorted(rates, key=rates.get, reverse=True):
         if mode == "fp32" or rates[mode] < MIN_GAIN * rates["fp32"]:
             break

@@ -39,14 +39,56 @@ REFERENCE_FILE = "reference.npz"  # the reference images a worker checks a faste
 CARD_FILE = "model_card.json"  # the weights' model card: accuracy, recipe, and the calibration temperatures
 
 
-def write_reference(model: str, weights: Path, arch: zoo.Architecture, dest: Path) -> None:
-    """The data set's reference images plus fp32's top-1 for them with these weights: a worker checks a faster
-    numeric mode against that answer without running fp32 over the images at every start (models/numerics.py)."""
-    images, labels, _ = load_reference(reference.path_for(model))
+def fp32_record_path(weights: Path) -> Path:
+    """Where fp32's top-1 for the data set's reference images with these weights is committed, beside them."""
+    return weights.with_name(weights.stem + ".fp32-top1.json")
+
+
+def computed_fp32_top1(model: str, weights: Path, arch: zoo.Architecture) -> np.ndarray:
+    images, _, _ = load_reference(reference.path_for(model))
     network = arch.build()
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    fp32 = top1(Runner(network.eval(), "fp32", torch.device("cpu")), SPECS[model].normalize(images))
-    np.savez_compressed(dest, images=images.numpy(), labels=labels.numpy(), fp32_top1=fp32.numpy())
+    return top1(Runner(network.eval(), "fp32", torch.device("cpu")), SPECS[model].normalize(images)).numpy()
+
+
+def recorded_fp32_top1(model: str, weights: Path) -> np.ndarray | None:
+    """The committed fp32 top-1 for these weights, or None where there is none or it was made for other weights or
+    other reference images (their hashes are in the record)."""
+    path = fp32_record_path(weights)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if (record["weights_sha256"], record["reference_sha256"]) != (sha256_of(weights),
+                                                                   sha256_of(reference.path_for(model))):
+        return None
+    return np.array(record["top1"], dtype=np.int64)
+
+
+def record_fp32_top1(version: ModelVersion) -> Path:
+    """Compute fp32's top-1 on this host and commit it beside the weights, with the host that computed it: an
+    archive then ships the same answers whichever host builds it, and a test on every other host checks that its
+    fp32 gives them too (tests/test_numerics.py)."""
+    from models.numerics import cpu_model, isa
+
+    top = computed_fp32_top1(version.model, version.weights, zoo.get(version.arch))
+    path = fp32_record_path(version.weights)
+    path.write_text(json.dumps({
+        "weights_sha256": sha256_of(version.weights),
+        "reference_sha256": sha256_of(reference.path_for(version.model)),
+        "host": {"cpu": cpu_model(), "isa": isa(), "torch": torch.__version__},
+        "top1": top.tolist()}) + "\n")
+    return path
+
+
+def write_reference(model: str, weights: Path, arch: zoo.Architecture, dest: Path) -> None:
+    """The data set's reference images plus fp32's top-1 for them with these weights: a worker checks a faster
+    numeric mode against that answer without running fp32 over the images at every start (models/numerics.py).
+    The committed record is used where it was made for these weights; other weights are computed on this host."""
+    images, labels, _ = load_reference(reference.path_for(model))
+    fp32 = recorded_fp32_top1(model, weights)
+    if fp32 is None:
+        fp32 = computed_fp32_top1(model, weights, arch)
+    np.savez_compressed(dest, images=images.numpy(), labels=labels.numpy(), fp32_top1=fp32)
 
 
 def stage_extra_files(model: str, dest: Path, weights: Path, arch: zoo.Architecture) -> Path:
@@ -105,7 +147,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="model-config YAML; defaults to model-config/<model>-<version>.yaml if it exists, "
                         "else model-config/<model>.yaml")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
+    p.add_argument("--record-fp32", action="store_true",
+                   help="write models/weights/<weights>.fp32-top1.json for every shipped version instead (make "
+                        "reference): fp32's top-1 for the reference images, computed on this host")
     args = p.parse_args(argv)
+
+    if args.record_fp32:
+        for version in SHIPPED:
+            print(f"{record_fp32_top1(version).relative_to(ROOT)}: fp32 top-1 of {version.model} {version.version}")
+        return
 
     if args.model:
         shipped = {(v.model, v.version): v for v in SHIPPED}.get((args.model, args.version))
