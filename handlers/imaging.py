@@ -103,11 +103,26 @@ def looks_like_base64(raw: bytes) -> bool:
     return bool(_DATA_URL.match(head)) or bool(_BASE64_TEXT.match(head))
 
 
+def _sample_range(mode: str, samples: np.ndarray) -> float:
+    """The value a single-channel image's white has. 16-bit modes: 65535. 32-bit integers ('I'): 255 unless a
+    sample exceeds it, then 65535. 32-bit floats ('F', e.g. a float TIFF): 1.0, the convention of float images and
+    of this server's v2 FP32 tensors, unless a sample exceeds 1 (a float image of 0-255 values, or above 255 of
+    0-65535 ones)."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    peak = float(samples.max(initial=0))
+    if mode == "F" and peak <= 1.0:
+        return 1.0
+    return 65535.0 if peak > 255 else 255.0
+
+
 def _to_gray_or_rgb(image: Image.Image, channels: int) -> Image.Image:
-    """Any Pillow mode → 'L' or 'RGB'. Transparent pixels become white, 16-bit samples are scaled, not clipped."""
+    """Any Pillow mode → 'L' or 'RGB'. Transparent pixels become white, 16-bit samples are scaled, not clipped,
+    float samples are read as 0-1 (`_sample_range`)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         samples = np.array(image, dtype=np.float32)  # a copy: exact for 16-bit samples, half float64's cost
-        top = 65535.0 if image.mode.startswith("I;16") or samples.max(initial=0) > 255 else 255.0
+        np.nan_to_num(samples, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # a float image may hold them
+        top = _sample_range(image.mode, samples)
         samples *= np.float32(255.0 / top)
         samples += np.float32(0.5)
         image = Image.fromarray(np.clip(samples, 0, 255, out=samples).astype(np.uint8), "L")

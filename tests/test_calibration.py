@@ -11,7 +11,7 @@ from models import zoo
 from models.inference import calibrated_probabilities
 from models.specs import SPECS
 from serving.catalog import SHIPPED
-from tests import images
+from tests import images, reference
 from tests.conftest import version_key
 from training import calibration
 from training.evaluate import view_logits
@@ -77,30 +77,34 @@ def test_the_card_is_reproduced_from_the_validation_split_and_keeps_the_top1(nam
 def test_the_handler_serves_the_cards_temperature(harness, name):
     version = VERSIONS[name]
     h = harness(version_key(version.model, version.version))
-    assert h.handler.temperature == card_of(version)["calibration"]["levels"][str(h.handler.tta)]["temperature"]
-    assert h.handler.describe()["temperature"] == h.handler.temperature
+    configured_tta = reference.tta(version)  # the YAML's level, read from the repository
+    assert h.handler.describe()["tta"] == configured_tta
+    assert h.handler.describe()["temperature"] == card_of(version)["calibration"]["levels"][str(configured_tta)][
+        "temperature"]
 
 
 @pytest.mark.parametrize("name", VERSIONS)
 def test_served_probabilities_are_the_calibrated_ones(harness, name):
-    """Every served probability equals softmax(logits / T) of an independently built network in the worker's
-    numeric mode, within 1e-6 (answers are rounded to 6 places: 5e-7; batch composition ~1e-7)."""
+    """Every served probability equals softmax(logits / T) of an independently built network in the numeric mode
+    the worker reports, with the YAML's TTA level and the card's T, within 1e-6 (answers are rounded to 6 places:
+    5e-7; the same batch through the same kernels otherwise)."""
     version = VERSIONS[name]
     spec = SPECS[version.model]
     h = harness(version_key(version.model, version.version))
     from models.numerics import Runner
 
-    runner = Runner(network(version), h.handler.model.mode, torch.device("cpu"))
+    runner = Runner(network(version), h.handler.describe()["numerics"]["mode"], torch.device("cpu"))
     pictures = [images.digit() if spec.channels == 1 else images.noise(32, 32, seed=i) for i in range(4)]
     rows = [{"body": images.encode(p)} for p in pictures]
     batch = h.preprocess(rows)
+    tta, temperature = reference.tta(version), reference.temperature(version)
     with torch.inference_mode():
-        expected = calibrated_probabilities(runner, batch.images, h.handler.tta, h.handler.temperature)
-        uncalibrated = calibrated_probabilities(runner, batch.images, h.handler.tta, 1.0)
+        expected = calibrated_probabilities(runner, batch.images, tta, temperature)
+        uncalibrated = calibrated_probabilities(runner, batch.images, tta, 1.0)
     for (status, body), probs in zip(h.run(rows, [{"X-TopK": "10"}] * len(rows)), expected, strict=True):
         assert status == 200
         torch.testing.assert_close(torch.tensor([body[label] for label in spec.classes]), probs, atol=1e-6, rtol=0)
-    if abs(h.handler.temperature - 1) > 0.05:  # the temperature is applied, not only recorded
+    if abs(temperature - 1) > 0.05:  # the temperature is applied, not only recorded
         assert (expected - uncalibrated).abs().max() > 1e-3
 
 

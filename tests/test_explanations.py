@@ -1,6 +1,9 @@
 """Explanations: Captum's Integrated Gradients through the real handler, checked against a property IG has."""
 from __future__ import annotations
 
+import importlib.abc
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,6 @@ from tests.conftest import version_key
 from training.reference import path_for
 
 VERSIONS = {f"{v.model}-{v.version}": v for v in SHIPPED}
-EXPLAIN = {"explain": "True"}
 # Completeness: IG's attributions sum to output(image) - output(baseline) for the target class, up to the error of
 # its 64-step quadrature along the path. For the airbench network (GELU, smooth) that error stayed under 1.1% on
 # these 32 reference images; for the ReLU/max-pool networks the integrand has kinks and single images reach 16%
@@ -43,7 +45,8 @@ def test_attributions_are_complete_on_the_real_model(harness, name):
     model.eval()
     errors = []
     for start in range(0, 32, 4):  # 4 images per request: the explanation limit
-        status, body = h.one({"body": {"data": [images.b64(png) for png in encoded[start:start + 4]]}}, EXPLAIN)
+        request = {"body": {"data": [images.b64(png) for png in encoded[start:start + 4]]}}
+        status, body = h.one(request, route="explanations")
         assert status == 200, body
         with torch.inference_mode():
             x = spec.normalize(pixels[start:start + 4])
@@ -65,7 +68,7 @@ def test_attributions_are_complete_on_the_real_model(harness, name):
 def test_an_explanation_carries_the_calibrated_answer_and_its_method(harness):
     h = harness("cifar10")
     png = images.encode(images.noise(32, 32))
-    status, explanation = h.one({"body": png}, {**EXPLAIN, "X-TopK": "3"})
+    status, explanation = h.one({"body": png}, {"X-TopK": "3"}, "explanations")
     _, prediction = h.one({"body": png}, {"X-TopK": "3"})
     assert status == 200
     assert explanation["topk"] == prediction and explanation["label"] == next(iter(prediction))
@@ -77,11 +80,11 @@ def test_an_explanation_carries_the_calibrated_answer_and_its_method(harness):
 def test_explanations_speak_kserve_v1_and_v2(harness):
     h = harness("mnist")
     png = images.encode(images.digit())
-    status, v1 = h.one({"body": {"instances": [{"b64": images.b64(png)}]}}, EXPLAIN)
+    status, v1 = h.one({"body": {"instances": [{"b64": images.b64(png)}]}}, route="kserve-explain")
     assert status == 200 and v1["explanations"][0]["label"] == "1"
     v2_request = {"id": "e1", "inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES",
                                          "data": [images.b64(png)]}]}
-    status, v2 = h.one({"body": v2_request}, EXPLAIN)
+    status, v2 = h.one({"body": v2_request}, route="explanations")
     assert status == 200 and v2["id"] == "e1" and v2["model_name"] == "mnist"
     outputs = {o["name"]: o for o in v2["outputs"]}
     assert outputs["labels"]["data"] == ["1"] and outputs["attributions"]["shape"] == [1, 28, 28]
@@ -93,17 +96,35 @@ def test_explanations_speak_kserve_v1_and_v2(harness):
 def test_bad_input_to_an_explanation_is_the_same_4xx_as_a_prediction(harness):
     h = harness("cifar10")
     for row in ({"body": b"not an image"}, {"body": images.encode(images.noise(4, 4))}):
-        assert h.one(row, EXPLAIN) == h.one(row)
-    status, body = h.one({"body": {"data": [images.b64(images.encode(images.noise(32, 32)))] * 5}}, EXPLAIN)
+        assert h.one(row, route="explanations") == h.one(row)
+    five = {"body": {"data": [images.b64(images.encode(images.noise(32, 32)))] * 5}}
+    status, body = h.one(five, route="explanations")
     assert status == 413 and "4 images per explanation request" in body["message"]
 
 
-def test_without_captum_an_explanation_answers_501_and_predictions_still_work(model_dirs):
+class _NoCaptum(importlib.abc.MetaPathFinder):
+    """An interpreter without Captum: its import fails as it does where the package is not installed."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "captum" or name.startswith("captum."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+def test_without_captum_an_explanation_answers_501_and_predictions_still_work(model_dirs, monkeypatch, caplog):
+    """The handler's own lazy import meets a missing Captum (imported modules forgotten, the import refused) at
+    initialize: the worker starts, says so in its log and in describe, explanations answer 501, and predictions
+    answer as a worker with Captum does."""
     from serving.inprocess import InProcessHandler
 
+    with_captum = InProcessHandler(model_dirs["mnist"])
+    for name in [name for name in sys.modules if name == "captum" or name.startswith("captum.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NoCaptum(), *sys.meta_path])
     h = InProcessHandler(model_dirs["mnist"])
-    h.handler.integrated_gradients = None  # as `_integrated_gradients` leaves it when captum cannot be imported
+    assert any("captum is not installed" in record.getMessage() for record in caplog.records)
+    assert h.handler.describe()["explanations"]["available"] is False
     png = images.encode(images.digit())
-    status, body = h.one({"body": png}, EXPLAIN)
-    assert status == 501 and "Captum" in body["message"]
-    assert h.one({"body": png})[0] == 200
+    status, body = h.one({"body": png}, route="explanations")
+    assert status == 501 and "Captum" in body["message"] and body["type"] == "NotImplemented"
+    assert h.one({"body": png}) == with_captum.one({"body": png})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -10,13 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models import zoo
-from models.inference import calibrated_probabilities, tta_logits
-from models.numerics import Runner
 from models.specs import CIFAR10, SPECS
 from serving.catalog import SHIPPED
-from tests import images
-from tests.answers import same, same_response
+from tests import images, reference
+from tests.answers import same, same_response, unexplained_top1_differences
 from tests.conftest import ROOT, require, version_key
 
 VERSIONS = [version_key(v.model, v.version) for v in SHIPPED]
@@ -164,7 +162,7 @@ def test_topk_from_yaml_request_and_headers(harness):
     assert len(mnist.one({"body": images.encode(images.digit())})[1]) == 3  # model-config/mnist.yaml
     assert len(harness("cifar10", handler={"topk": 2}).one({"body": PNG})[1]) == 2
     assert len(cifar.one({"body": {"data": b64(PNG), "topk": 1}})[1]) == 1
-    assert len(cifar.one({"body": PNG, "topk": b"3"})[1]) == 3  # a query parameter or multipart field
+    assert len(cifar.one({"body": PNG, "topk": "3"})[1]) == 3  # a multipart form field
     assert len(cifar.one({"body": PNG}, {"X-TopK": "4"})[1]) == 4
     assert len(cifar.one({"body": {"data": b64(PNG), "topk": 1000}})[1]) == 10  # clamped
 
@@ -193,6 +191,68 @@ def test_image_modes_become_model_input(harness, image):
         assert status == 200, body
 
 
+def served_pixels(h, body: bytes) -> np.ndarray:
+    """The uint8 pixels (H, W, C) the handler made of `body`, recovered from its normalised tensor."""
+    spec = h.handler.spec
+    tensor = h.preprocess([{"body": body}]).images[0]
+    std, mean = torch.tensor(spec.std).view(-1, 1, 1), torch.tensor(spec.mean).view(-1, 1, 1)
+    return ((tensor * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_transparent_pixels_become_white(harness):
+    h = harness("cifar10")
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[:, :16] = (200, 10, 10, 255)  # opaque red on the left, fully transparent black on the right
+    pixels = served_pixels(h, images.encode(Image.fromarray(rgba, "RGBA")))
+    assert (pixels[:, :16] == (200, 10, 10)).all() and (pixels[:, 16:] == 255).all()
+    palette = Image.fromarray(rgba[:, :, :3]).convert("P")
+    palette.info["transparency"] = palette.getpixel((31, 0))  # the black entry is transparent
+    pixels = served_pixels(h, images.encode(palette, transparency=palette.info["transparency"]))
+    assert (pixels[:, 16:] == 255).all() and (pixels[:, :16, 0] > 150).all()
+
+
+def test_exif_orientation_is_applied(harness):
+    """Stored top half black, bottom half white, with EXIF Orientation 6 (display rotated 90° clockwise): the
+    model sees the displayed image, white on the left."""
+    stored = np.zeros((32, 32, 3), dtype=np.uint8)
+    stored[16:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = served_pixels(harness("cifar10"), images.encode(stored, exif=exif.tobytes()))
+    assert np.array_equal(pixels, np.rot90(stored, k=-1))
+    assert not np.array_equal(pixels, stored)
+
+
+def test_a_wide_image_is_centre_cropped_not_squashed(harness):
+    wide = np.zeros((32, 96, 3), dtype=np.uint8)
+    wide[:, 32:64] = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    wide[:, :32], wide[:, 64:] = (255, 0, 0), (0, 0, 255)  # the margins a crop removes
+    assert np.array_equal(served_pixels(harness("cifar10"), images.encode(wide)), wide[:, 32:64])
+
+
+def test_an_animated_gif_is_read_as_its_first_frame(harness):
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    frames = [Image.new("RGB", (32, 32), colour) for colour in colours]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert (served_pixels(harness("cifar10"), buffer.getvalue()) == colours[0]).all()
+
+
+def test_a_float_tiff_is_read_as_0_to_1(harness):
+    """Mode F (32-bit float) samples are 0-1, as float images and v2 FP32 tensors are: 0.5 is mid-grey."""
+    ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    pixels = served_pixels(harness("cifar10"), images.encode(Image.fromarray(ramp, "F"), "TIFF"))
+    expected = np.floor(ramp * 255 + 0.5).astype(np.uint8)
+    assert all(np.array_equal(pixels[:, :, c], expected) for c in range(3))
+    eight_bit_floats = Image.fromarray(ramp * 255, "F")  # a float image of 0-255 values keeps them
+    assert np.array_equal(served_pixels(harness("cifar10"), images.encode(eight_bit_floats, "TIFF")), pixels)
+
+
+def test_a_huge_topk_is_clamped_to_the_classes(harness):
+    status, body = harness("cifar10").one({"body": {"data": b64(PNG), "topk": 10**9}})
+    assert status == 200 and list(body) and set(body) == set(CIFAR10.classes)
+
+
 def test_sixteen_bit_png_is_scaled_not_clipped(harness):
     h = harness("mnist")
     eight = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
@@ -217,12 +277,11 @@ def test_mnist_inverts_dark_digits_on_light_background(harness):
 def test_handler_tensor_equals_training_tensor_and_probabilities_equal_softmax(harness, version):
     """The handler's tensor is training's tensor, and its probabilities are the calibrated softmax
     (softmax(logits / T)) of the shipped weights' logits, computed here by a network built independently from
-    models/weights (not the handler's own), run in the numeric mode the worker chose."""
+    models/weights with the YAML's TTA level and the card's T (tests/reference.py), run in the numeric mode the
+    worker reports."""
     spec = SPECS[version.model]
-    reference = zoo.get(version.arch).build()
-    reference.load_state_dict(torch.load(version.weights, weights_only=True))
-    reference.eval()
     h = harness(version_key(version.model, version.version))
+    mode = h.handler.describe()["numerics"]["mode"]
     rng = np.random.default_rng(1)
     # MNIST-like darkness for mnist: a light border would (rightly) be inverted by the handler.
     top = 120 if spec.light_on_dark else 256
@@ -231,10 +290,9 @@ def test_handler_tensor_equals_training_tensor_and_probabilities_equal_softmax(h
     batch = h.preprocess(rows)
     training_tensor = spec.normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2))
     assert torch.equal(batch.images, training_tensor)
-    runner = Runner(reference, h.handler.model.mode, torch.device("cpu"))
-    with torch.inference_mode():
-        expected = calibrated_probabilities(runner, training_tensor, h.handler.tta, h.handler.temperature)
-    # The same batch of 6 through the same kernels: equal up to float noise; 1e-6 is the served rounding.
+    expected = reference.probabilities(version, mode, training_tensor, batch_size=len(rows))
+    # The same batch of 6 through the same kernels in the same mode: equal up to float noise (~1e-7), whatever
+    # the mode; 1e-6 is the served rounding (5e-7) with room for that noise.
     torch.testing.assert_close(h.handler.inference(batch).probabilities, expected, atol=1e-6, rtol=0)
     for (status, body), probs in zip(h.run(rows, [{"X-TopK": "10"}] * len(rows)), expected, strict=True):
         assert status == 200
@@ -244,28 +302,33 @@ def test_handler_tensor_equals_training_tensor_and_probabilities_equal_softmax(h
 
 @pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
 def test_shipped_weights_classify_real_images_through_the_handler(harness, validation_split, version):
-    """PNG-encoded validation images through every archive's handle() give the eager network's top-1 and reach
-    the model card's accuracy."""
+    """PNG-encoded validation images through every archive's handle() give the top-1 an independent reference
+    computes in the mode the worker chose, agree with eager fp32 as closely as that mode promises, and reach the
+    model card's accuracy."""
     spec = SPECS[version.model]
     val_images, val_labels = validation_split(version.model)
     val_images, val_labels = val_images[:1000], val_labels[:1000]
     h = harness(version_key(version.model, version.version))
+    mode = h.handler.describe()["numerics"]["mode"]
+    batch_size = 8  # server-side batches of 8, as model-config sets
     predictions = []
-    for start in range(0, len(val_images), 8):  # server-side batches of 8, as model-config sets
-        chunk = val_images[start:start + 8].permute(0, 2, 3, 1).numpy()
+    for start in range(0, len(val_images), batch_size):
+        chunk = val_images[start:start + batch_size].permute(0, 2, 3, 1).numpy()
         rows = [{"body": images.encode(p.squeeze(-1) if spec.channels == 1 else p)} for p in chunk]
         predictions += [spec.classes.index(next(iter(body))) for _, body in h.run(rows)]
     predictions = torch.tensor(predictions)
-    reference = zoo.get(version.arch).build()
-    reference.load_state_dict(torch.load(version.weights, weights_only=True))
-    reference.eval()
-    with torch.inference_mode():
-        probabilities = torch.softmax(tta_logits(reference, spec.normalize(val_images), h.handler.tta), dim=1)
-    # Batches of 8 here and of 1000 in the reference run different kernels (~1e-7 apart): the top-1 may differ
-    # only where the reference's best two classes are that close, a tie no kernel choice decides reliably.
-    top2 = probabilities.topk(2, dim=1).values
-    differ = predictions != probabilities.argmax(1)
-    assert (top2[differ, 0] - top2[differ, 1] < 1e-5).all(), differ.nonzero().flatten().tolist()
+    normalized = spec.normalize(val_images)
+    in_mode = reference.probabilities(version, mode, normalized, batch_size)
+    assert unexplained_top1_differences(predictions, in_mode, mode) == []
+    fp32 = reference.probabilities(version, "fp32", normalized, 250)
+    if mode in ("fp32", "fp32-cl"):
+        # The same arithmetic in another memory layout and batch: top-1 equal but for fp32 ties.
+        assert unexplained_top1_differences(predictions, fp32, "fp32") == []
+    else:
+        # A worker serves a reduced-precision mode only when it agrees with fp32 on >= 99.5% of the archive's 400
+        # reference images (models/numerics.py); on these 1,000 other images bf16 agreed on 99.8% (this host and
+        # the README's H100 table); 99% leaves room for sampling (5 disagreements more than measured).
+        assert (predictions == fp32.argmax(1)).float().mean().item() >= 0.99
     card = json.loads(version.weights.with_suffix(".json").read_text())
     plain = card["validation"].get("accuracy_without_tta", card["validation"]["accuracy"])
     accuracy = (predictions == val_labels).float().mean().item()
@@ -310,11 +373,22 @@ def test_rows_after_the_batch_deadline_answer_503_and_the_first_is_always_served
     assert h.context.get_response_headers(2).get("Retry-After") == "1"
 
 
+def test_grpc_and_rest_requests_are_told_apart(harness):
+    """Only a gRPC answer carries `ts_stream_next` (the frontend's gRPC stream needs it; on REST it would turn the
+    answer into a chunked response that never ends). The harness frames both as the frontend does."""
+    h = harness("cifar10")
+    grpc_answer = h.one({"data": PNG}, route="grpc")
+    assert h.context.get_response_headers(0).get("ts_stream_next") == "false"
+    rest_answer = h.one({"body": PNG})
+    assert "ts_stream_next" not in h.context.get_response_headers(0)
+    assert grpc_answer == rest_answer
+
+
 def test_explain_and_describe_are_decided_per_request(harness):
     """One request's headers never decide another's answer (TorchServe's base handler reads only the first)."""
     h = harness("cifar10")
     rows = [{"body": PNG}] * 4
-    results = h.run(rows, [{"explain": "True"}, {}, {"describe": "True"}, {}])
+    results = h.run(rows, routes=["explanations", "predictions", "describe", "predictions"])
     assert results[0][0] == 200 and len(results[0][1]["attributions"]) == 32  # the explanation, for that row only
     assert results[1][0] == results[3][0] == 200 and next(iter(results[1][1])) in CIFAR10.classes
     assert "attributions" not in results[1][1] and results[1][1] == results[3][1]

@@ -43,6 +43,8 @@ def test_bad_input_corpus(served, predict_url, case):
         else:
             assert body["code"] == case.status and body["type"], body
             assert case.message in body["message"], body
+    if case.labels is not None:
+        assert len(response.json()) == case.labels, response.text[:300]
     assert worker_pids(served) == pids
     assert requests.put(predict_url(), data=CAT, timeout=30).status_code == 200
 

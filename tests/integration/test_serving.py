@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import torch
-import yaml
 
 from serving.catalog import ROOT, SHIPPED
 from tests.answers import same
@@ -61,6 +60,20 @@ def test_topk_per_request(predict_url):
     assert len(requests.post(url, files={"data": CAT, "topk": (None, "3")}, timeout=30).json()) == 3
     bad = requests.put(url, data=CAT, headers={"X-TopK": "0"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["type"] == "InvalidTopK"
+    # TorchServe's frontend passes no query parameter to a worker (README, Top-k): the YAML's k answers.
+    assert len(requests.put(f"{url}?topk=2", data=CAT, timeout=30).json()) == 5
+    assert len(requests.post(f"{url}?topk=2", json={"data": b64(CAT)}, timeout=30).json()) == 5
+
+
+def test_a_body_sent_as_a_form_that_is_not_one_is_the_frontends_500(predict_url):
+    """README, Errors: a body sent as a form that is not one is refused by the frontend itself with a 500, before
+    any handler runs (curl -d / --data-binary without a Content-Type); the same bytes with their type, or sent
+    with curl -T, are answered."""
+    url = predict_url()
+    form = requests.post(url, data=CAT, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert form.status_code == 500 and form.json()["type"] == "ErrorDataDecoderException"
+    typed = requests.post(url, data=CAT, headers={"Content-Type": "image/png"}, timeout=30)
+    assert typed.status_code == 200 and next(iter(typed.json())) == "cat"
 
 
 BAD_REQUESTS = [
@@ -112,13 +125,17 @@ def request_counters(served) -> tuple[float, float]:
 
 
 def test_metrics_count_requests(served, predict_url):
+    """Requests2XX/4XX count every request the frontend answers. Whether a scrape counts itself (and when in the
+    scrape) is TorchServe's business, so two scrapes with nothing between them measure what one scrape adds."""
+    first, _ = request_counters(served)
     ok_before, bad_before = request_counters(served)
+    per_scrape = ok_before - first
     for _ in range(7):
         assert requests.put(predict_url("mnist"), data=DIGIT, timeout=30).status_code == 200
     for _ in range(3):
         assert requests.put(predict_url("mnist"), data=b"nope", timeout=30).status_code == 400
     ok_after, bad_after = request_counters(served)
-    assert ok_after - ok_before == 7 + 1  # the first scrape was itself a 2XX
+    assert ok_after - ok_before == 7 + per_scrape
     assert bad_after - bad_before == 3
 
 
@@ -186,24 +203,29 @@ def test_versioning_story_with_the_cli(served, cli, predict_url):
 
 @pytest.mark.parametrize("version", [v for v in SHIPPED if v.model == "cifar10"], ids=lambda v: v.version)
 def test_served_top1_equals_in_process_top1(served, predict_url, validation_split, version):
-    """200 validation images, PNG-encoded over HTTP, get the top-1 the eager model gives in process."""
-    from models import zoo
+    """200 validation images, PNG-encoded over HTTP from 8 clients at once (so in server-side batches of any size
+    up to 8), get the top-1 an independent reference computes in the mode the version's workers report; where
+    that mode is an fp32 one, the eager fp32 network's top-1 too (tests/answers.py states the tolerances)."""
+    from client.api import TorchServeClient
     from models.specs import CIFAR10
-    from tests import images
-    from training.evaluate import predict
+    from tests import images, reference
+    from tests.answers import unexplained_top1_differences
 
     val_images, _ = validation_split("cifar10")
     val_images = val_images[:200]
-    model = zoo.get(version.arch).build()
-    model.load_state_dict(torch.load(version.weights, weights_only=True))
-    tta = (yaml.safe_load(version.config_file.read_text()).get("handler") or {}).get("tta", 0)
-    expected = [CIFAR10.classes[i] for i in predict(model, val_images, CIFAR10, tta=tta)]
+    mode = TorchServeClient(management_url=served.url("management")).handler_description(
+        version.model, version.version)["numerics"]["mode"]
     pngs = [images.encode(img.permute(1, 2, 0).numpy()) for img in val_images]
     url = predict_url(f"cifar10/{version.version}")
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda png: requests.put(url, data=png, timeout=60), pngs))
-    served_top1 = [next(iter(r.json())) for r in responses]
-    assert served_top1 == expected
+    assert all(r.status_code == 200 for r in responses)
+    served_top1 = torch.tensor([CIFAR10.classes.index(next(iter(r.json()))) for r in responses])
+    in_mode = reference.probabilities(version, mode, CIFAR10.normalize(val_images), batch_size=8)
+    assert unexplained_top1_differences(served_top1, in_mode, mode) == []
+    if mode in ("fp32", "fp32-cl"):
+        fp32 = reference.probabilities(version, "fp32", CIFAR10.normalize(val_images), batch_size=200)
+        assert unexplained_top1_differences(served_top1, fp32, "fp32") == []
 
 
 def test_cli_predict(cli):
@@ -281,25 +303,19 @@ def test_served_probabilities_equal_the_calibrated_in_process_ones(served, predi
     one) equals softmax(logits / T) computed here with the card's T by an independently built network in the
     numeric mode the version's workers report, one thread as in a worker: within 1e-6 (answers are rounded to 6
     places, 5e-7; the same kernels on the same input otherwise)."""
-    import json
-
     from client.api import TorchServeClient
     from handlers.imaging import Limits, decode_image
-    from models import zoo
     from models.inference import calibrated_probabilities
     from models.numerics import Runner
     from models.specs import SPECS
-    from tests import images
+    from tests import images, reference
 
     spec = SPECS[version.model]
     described = TorchServeClient(management_url=served.url("management")).handler_description(
         version.model, version.version)
-    card = json.loads(version.weights.with_suffix(".json").read_text())
-    temperature = card["calibration"]["levels"][str(described["tta"])]["temperature"]
-    assert described["temperature"] == temperature
-    model = zoo.get(version.arch).build()
-    model.load_state_dict(torch.load(version.weights, weights_only=True))
-    runner = Runner(model.eval(), described["numerics"]["mode"], torch.device("cpu"))
+    tta, temperature = reference.tta(version), reference.temperature(version)  # the YAML's and the card's
+    assert (described["tta"], described["temperature"]) == (tta, temperature)
+    runner = Runner(reference.network(version), described["numerics"]["mode"], torch.device("cpu"))
     pictures = ([images.digit(), images.digit(dark_on_light=True)] if spec.channels == 1
                 else [images.noise(32, 32, seed=i) for i in range(3)] + [CAT, HORSE])
     threads = torch.get_num_threads()
@@ -313,7 +329,7 @@ def test_served_probabilities_equal_the_calibrated_in_process_ones(served, predi
             decoded = decode_image(png, spec.image_size, spec.channels, Limits(), spec.light_on_dark)
             pixels = spec.normalize(torch.tensor(decoded).permute(2, 0, 1)[None])
             with torch.inference_mode():
-                expected = calibrated_probabilities(runner, pixels, described["tta"], temperature)[0]
+                expected = calibrated_probabilities(runner, pixels, tta, temperature)[0]
             served_probs = torch.tensor([response.json()[label] for label in spec.classes])
             torch.testing.assert_close(served_probs, expected, atol=1e-6, rtol=0)
     finally:
