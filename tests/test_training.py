@@ -189,10 +189,18 @@ def test_shipped_weights_load_weights_only_and_reach_the_card_accuracy(version, 
     model = zoo.get(version.arch).build()
     model.load_state_dict(torch.load(version.weights, weights_only=True))
     images, labels = validation_split(version.model)
-    accuracy = (evaluate.predict(model, images, SPECS[version.model]) == labels).float().mean().item()
+    spec = SPECS[version.model]
+    with torch.inference_mode():
+        logits = torch.cat([model.eval()(spec.normalize(chunk)) for chunk in images.split(1000)])
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
     # The card's headline may include test-time augmentation; it also records the plain forward pass.
     plain = card["validation"].get("accuracy_without_tta", card["validation"]["accuracy"])
-    assert accuracy == pytest.approx(plain, abs=1e-4)
+    # The card was computed on another CPU, whose fp32 kernels differ from this one's by ~1e-6 in a logit: only an
+    # image whose best two logits are that close can change its answer. Each such near-tie (within 1e-4, 100x
+    # that) may move the accuracy by one image; every other image must be answered as on the card's host.
+    top2 = logits.topk(2, dim=1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] < 1e-4).sum())
+    assert abs(accuracy - plain) <= (near_ties + 0.5) / len(labels), (accuracy, plain, near_ties)
 
 
 def test_airbench_trains_from_scratch_on_tiny_data(tmp_path):

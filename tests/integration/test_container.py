@@ -26,7 +26,7 @@ def health(args: list[str]) -> subprocess.CompletedProcess:
 def test_the_image_command_starts_reports_ready_and_stops_cleanly_on_sigterm(tmp_path):
     layout = kserve.build(tmp_path / "layout")
     config = config_on_free_ports(layout / "config" / "config.properties", tmp_path / "config.properties",
-                                  layout / "model-store")  # only the ports move
+                                  layout / "model-store")  # free ports, on 127.0.0.1 (the layout: 0.0.0.0)
     args = ["--config", str(config), "--model-store", str(layout / "model-store"), "--run-dir", str(tmp_path / "run")]
     assert health(args).returncode == 1  # nothing runs yet
     main = subprocess.Popen([sys.executable, "-m", "serving.server", "run", *args], cwd=ROOT,

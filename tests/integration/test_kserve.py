@@ -1,4 +1,5 @@
-"""A real TorchServe started from exactly `make kserve`'s layout (only ports and paths moved), with each value
+"""A real TorchServe started from exactly `make kserve`'s layout (its ports moved to free ones, every address bound
+to 127.0.0.1 instead of the layout's 0.0.0.0, and the model store's path), with each value
 KServe may give TS_SERVICE_ENVELOPE: v1 and v2 clients at once, sharing server-side batches."""
 from __future__ import annotations
 
