@@ -11,7 +11,7 @@ import torch
 from models import numerics, zoo
 from models.specs import SPECS
 from serving.catalog import SHIPPED
-from tests import images
+from tests import images, reference
 from tests.conftest import version_key
 from training.reference import path_for
 
@@ -39,6 +39,7 @@ def test_attributions_are_complete_on_the_real_model(harness, name):
     version = VERSIONS[name]
     spec = SPECS[version.model]
     h = harness(version_key(version.model, version.version))
+    mode = h.handler.describe()["numerics"]["mode"]
     encoded, pixels = pngs_of(version.model, 32)
     model = zoo.get(version.arch).build()
     model.load_state_dict(torch.load(version.weights, weights_only=True))
@@ -51,9 +52,12 @@ def test_attributions_are_complete_on_the_real_model(harness, name):
         with torch.inference_mode():
             x = spec.normalize(pixels[start:start + 4])
             outputs, baseline = model(x), model(spec.normalize(torch.zeros_like(pixels[:1])))
+        # The explained class is the served top-1, computed in the worker's mode (the same batch of 4 here);
+        # the attributions themselves are float32 whatever that mode is.
+        served_top1 = reference.probabilities(version, mode, x, batch_size=4).argmax(1)
         for i, item in enumerate(body):
             target = spec.classes.index(item["label"])
-            assert target == int(outputs[i].argmax())
+            assert target == int(served_top1[i])
             gap = float(outputs[i, target] - baseline[0, target])
             attributions = np.array(item["attributions"])
             assert attributions.shape == (spec.image_size, spec.image_size)

@@ -14,13 +14,18 @@ from PIL import Image
 from models.specs import CIFAR10, SPECS
 from serving.catalog import SHIPPED
 from tests import images, reference
-from tests.answers import same, same_response, unexplained_top1_differences
+from tests.answers import same, same_response, tolerance, unexplained_top1_differences
 from tests.conftest import ROOT, require, version_key
 
 VERSIONS = [version_key(v.model, v.version) for v in SHIPPED]
 CIFAR10_VERSIONS = [key for key in VERSIONS if key.startswith("cifar10")]
 
 PNG = images.encode(images.noise(32, 32))
+
+
+def mode_tolerance(h) -> float:
+    """The tolerance of the numeric mode the harness's worker reports (tests/answers.py)."""
+    return tolerance(h.handler.describe()["numerics"]["mode"])
 
 
 def b64(data: bytes) -> str:
@@ -90,7 +95,8 @@ def test_json_single_and_client_batch(harness):
     single = h.one({"body": PNG})
     assert h.one({"body": {"data": b64(PNG)}}) == single
     status, body = h.one({"body": {"data": [b64(PNG), b64(images.encode(images.noise(32, 32, seed=3)))]}})
-    assert status == 200 and len(body) == 2 and same(body[0], single[1])  # a batch of 2 against one of 1
+    # A batch of 2 against one of 1: other kernels, within the tolerance of the mode the worker serves with.
+    assert status == 200 and len(body) == 2 and same(body[0], single[1], mode_tolerance(h))
     # JSON that arrived as bytes (posted without a content type) is parsed the same way.
     assert h.one({"body": json.dumps({"data": b64(PNG)}).encode()}) == single
 
@@ -111,7 +117,7 @@ def test_kserve_v1_instances(harness):
     h = harness("cifar10")
     status, body = h.one({"body": {"instances": [{"b64": b64(PNG)}, {"image_bytes": {"b64": b64(PNG)}}]}})
     assert status == 200 and list(body) == ["predictions"] and len(body["predictions"]) == 2
-    assert same(body["predictions"][0], h.one({"body": PNG})[1])
+    assert same(body["predictions"][0], h.one({"body": PNG})[1], mode_tolerance(h))
 
 
 def test_mixed_batch_answers_each_request_on_its_own(harness):
@@ -129,7 +135,7 @@ def test_mixed_batch_answers_each_request_on_its_own(harness):
     assert "50000×50000" in results[4][1]["message"] and results[4][1]["type"] == "ImageTooLarge"
     assert "base64" in results[5][1]["message"]
     assert results[6][1]["message"].startswith("data[1]")
-    assert same_response(h.one({"body": PNG}), results[0])  # the same handler keeps serving
+    assert same_response(h.one({"body": PNG}), results[0], mode_tolerance(h))  # the same handler keeps serving
 
 
 @pytest.mark.parametrize("row, message", [
@@ -433,8 +439,8 @@ def test_kserve_v2_bytes_and_pixel_tensors_answer_like_the_image(harness):
         assert status == 200, (name, body)
         labels, probabilities = body["outputs"]
         answer = dict(zip(labels["data"], probabilities["data"], strict=True))
-        assert list(answer) == list(expected), name
-        assert all(abs(answer[k] - expected[k]) < 1e-5 for k in expected), name  # 6-place rounding vs float
+        # The float tensor is normalised from other float values than the image: an input-rounding step apart.
+        assert same(answer, expected, mode_tolerance(h)), name
     status, body = h.one({"body": requests_["bytes"]})
     assert body["id"] == "r1" and body["model_name"] == "cifar10" and body["model_version"] == "1.0"
     two = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": -1, "data": [b64(png), b64(PNG)]}],

@@ -87,6 +87,16 @@ def describe(server: TorchServe, model: str) -> list[dict]:
     return requests.get(f"{server.url('management')}/models/{model}/all", timeout=10).json()
 
 
+def served_tolerance(server: TorchServe, model: str, version: str = "1.0") -> float:
+    """How far two answers of this version may differ across server-side batches: the tolerance of the numeric
+    mode its workers report (tests/answers.py)."""
+    from client.api import TorchServeClient
+    from tests.answers import tolerance
+
+    client = TorchServeClient(management_url=server.url("management"), inference_url=server.url("inference"))
+    return tolerance(client.handler_description(model, version)["numerics"]["mode"])
+
+
 @pytest.fixture(scope="session")
 def stubs(tmp_path_factory) -> SimpleNamespace:
     """Python stubs compiled now from proto/*.proto in ts/frontend/model-server.jar (never committed)."""

@@ -17,7 +17,7 @@ import requests
 
 from serving.catalog import ROOT
 from tests.answers import same
-from tests.integration.conftest import describe
+from tests.integration.conftest import describe, served_tolerance
 from tests.integration.test_reliability import worker_pids
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
@@ -49,7 +49,8 @@ def test_ping_and_predictions_answer_like_rest(served, stubs, inference):
     request = stubs.inference_pb2.PredictionsRequest
     for model, image in (("cifar10", CAT), ("mnist", DIGIT)):
         answer = inference.Predictions(request(model_name=model, input={"data": image}), timeout=30)
-        assert same(requests.compat.json.loads(answer.prediction), rest(served, model, image))
+        assert same(requests.compat.json.loads(answer.prediction), rest(served, model, image),
+                    served_tolerance(served, model))
     versioned = inference.Predictions(request(model_name="cifar10", model_version="2.0", input={"data": CAT}),
                                       timeout=30)
     assert next(iter(requests.compat.json.loads(versioned.prediction))) == "cat"
@@ -67,7 +68,8 @@ def test_stream_predictions_answers_one_message_like_the_unary_call(served, stub
     for model, image in (("mnist", DIGIT), ("cifar10", CAT)):
         messages = list(inference.StreamPredictions(request(model_name=model, input={"data": image}), timeout=30))
         assert len(messages) == 1
-        assert same(requests.compat.json.loads(messages[0].prediction), rest(served, model, image))
+        assert same(requests.compat.json.loads(messages[0].prediction), rest(served, model, image),
+                    served_tolerance(served, model))
     assert worker_pids(served) == pids
 
 
