@@ -27,7 +27,7 @@ import torch
 
 from models import zoo
 from models.checksum import sha256_of
-from models.numerics import Runner, load_reference, top1
+from models.numerics import Runner, cpu_model, isa, load_reference, top1
 from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
 from training import reference
@@ -44,8 +44,8 @@ def fp32_record_path(weights: Path) -> Path:
     return weights.with_name(weights.stem + ".fp32-top1.json")
 
 
-def computed_fp32_top1(model: str, weights: Path, arch: zoo.Architecture) -> np.ndarray:
-    images, _, _ = load_reference(reference.path_for(model))
+def computed_fp32_top1(model: str, weights: Path, arch: zoo.Architecture, images: torch.Tensor) -> np.ndarray:
+    """fp32's top-1 on this host for the reference `images` (uint8) with these weights."""
     network = arch.build()
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return top1(Runner(network.eval(), "fp32", torch.device("cpu")), SPECS[model].normalize(images)).numpy()
@@ -68,9 +68,8 @@ def record_fp32_top1(version: ModelVersion) -> Path:
     """Compute fp32's top-1 on this host and commit it beside the weights, with the host that computed it: an
     archive then ships the same answers whichever host builds it, and a test on every other host checks that its
     fp32 gives them too (tests/test_numerics.py)."""
-    from models.numerics import cpu_model, isa
-
-    top = computed_fp32_top1(version.model, version.weights, zoo.get(version.arch))
+    images, _, _ = load_reference(reference.path_for(version.model))
+    top = computed_fp32_top1(version.model, version.weights, zoo.get(version.arch), images)
     path = fp32_record_path(version.weights)
     path.write_text(json.dumps({
         "weights_sha256": sha256_of(version.weights),
@@ -87,7 +86,7 @@ def write_reference(model: str, weights: Path, arch: zoo.Architecture, dest: Pat
     images, labels, _ = load_reference(reference.path_for(model))
     fp32 = recorded_fp32_top1(model, weights)
     if fp32 is None:
-        fp32 = computed_fp32_top1(model, weights, arch)
+        fp32 = computed_fp32_top1(model, weights, arch, images)
     np.savez_compressed(dest, images=images.numpy(), labels=labels.numpy(), fp32_top1=fp32)
 
 

@@ -67,8 +67,7 @@ KSERVE_ROUTES = ("kserve", "kserve-explain")
 CLIENT_HEADERS = {"Accept": "*/*", "User-Agent": "python-requests", "Host": "127.0.0.1:8080"}
 
 
-def frontend_request(row: dict, headers: dict | None = None, route: str = "predictions",
-                     request_id: str | None = None) -> dict:
+def frontend_request(row: dict, headers: dict | None = None, route: str = "predictions") -> dict:
     """One request as the frontend frames it for a worker: its id, its headers and its parameters, each with the
     content type the frontend gives it.
 
@@ -94,8 +93,9 @@ def frontend_request(row: dict, headers: dict | None = None, route: str = "predi
                 parameters.append((name, "application/octet-stream", bytes(value)))
             else:
                 parameters.append((name, client.get("Content-Type", ""), bytes(value)))
+    request_id = str(uuid.uuid4())
     if route == "grpc":
-        return {"requestId": request_id or str(uuid.uuid4()), "headers": [],
+        return {"requestId": request_id, "headers": [],
                 "parameters": [(name, "", value) for name, _, value in parameters]}
     if route != "describe" and "Content-Type" not in client:
         if multipart:
@@ -114,7 +114,7 @@ def frontend_request(row: dict, headers: dict | None = None, route: str = "predi
         framed["Content-Length"] = str(sum(len(value) for _, _, value in parameters))
         if route not in KSERVE_ROUTES:
             framed["url_path"] = ""
-    return {"requestId": request_id or str(uuid.uuid4()), "headers": list(framed.items()), "parameters": parameters}
+    return {"requestId": request_id, "headers": list(framed.items()), "parameters": parameters}
 
 
 def encode_batch(requests: list[dict]) -> bytes:

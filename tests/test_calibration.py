@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-from models import zoo
 from models.inference import calibrated_probabilities
 from models.specs import SPECS
 from serving.catalog import SHIPPED
@@ -21,12 +20,6 @@ VERSIONS = {f"{v.model}-{v.version}": v for v in SHIPPED}
 
 def card_of(version) -> dict:
     return json.loads(version.weights.with_suffix(".json").read_text())
-
-
-def network(version) -> torch.nn.Module:
-    model = zoo.get(version.arch).build()
-    model.load_state_dict(torch.load(version.weights, weights_only=True))
-    return model.eval()
 
 
 def test_the_fit_recovers_a_known_temperature():
@@ -66,7 +59,7 @@ def test_the_card_is_reproduced_from_the_validation_split_and_keeps_the_top1(nam
     version = VERSIONS[name]
     spec = SPECS[version.model]
     val_images, val_labels = validation_split(version.model)
-    logits, weights = view_logits(network(version), val_images, spec, level=0)
+    logits, weights = view_logits(reference.network(version), val_images, spec, level=0)
     temperature = card_of(version)["calibration"]["levels"]["0"]["temperature"]
     assert calibration.fit_temperature(logits, weights, val_labels) == pytest.approx(temperature, rel=1e-3)
     before = calibration.probabilities(logits, weights, 1.0).argmax(1)
@@ -93,7 +86,7 @@ def test_served_probabilities_are_the_calibrated_ones(harness, name):
     h = harness(version_key(version.model, version.version))
     from models.numerics import Runner
 
-    runner = Runner(network(version), h.handler.describe()["numerics"]["mode"], torch.device("cpu"))
+    runner = Runner(reference.network(version), h.handler.describe()["numerics"]["mode"], torch.device("cpu"))
     pictures = [images.digit() if spec.channels == 1 else images.noise(32, 32, seed=i) for i in range(4)]
     rows = [{"body": images.encode(p)} for p in pictures]
     batch = h.preprocess(rows)

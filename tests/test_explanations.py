@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import numerics, zoo
+from models import numerics
 from models.specs import SPECS
 from serving.catalog import SHIPPED
 from tests import images, reference
@@ -41,9 +41,7 @@ def test_attributions_are_complete_on_the_real_model(harness, name):
     h = harness(version_key(version.model, version.version))
     mode = h.handler.describe()["numerics"]["mode"]
     encoded, pixels = pngs_of(version.model, 32)
-    model = zoo.get(version.arch).build()
-    model.load_state_dict(torch.load(version.weights, weights_only=True))
-    model.eval()
+    model = reference.network(version)
     errors = []
     for start in range(0, 32, 4):  # 4 images per request: the explanation limit
         request = {"body": {"data": [images.b64(png) for png in encoded[start:start + 4]]}}
