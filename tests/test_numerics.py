@@ -46,7 +46,8 @@ def test_waiting_for_a_core_does_not_decide_the_choice():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runner, choice = numerics.choose(StandIn(3 * 4 * 4), torch.device("cpu"), "auto", reference_images(),
+        contended = StandIn(3 * 4 * 4, {"fp32": 0.003, "fp32-cl": 0.0024, "bf16": 0.0035}, wait=0.010)
+        runner, choice = numerics.choose(contended, torch.device("cpu"), "auto", reference_images(),
                                          batch_size=8, seconds=0.3)
     finally:
         torch.set_num_threads(threads)
@@ -152,7 +153,7 @@ def test_a_worker_reports_the_mode_it_chose_and_serves_with_it(harness, version)
 
 def test_a_worker_chooses_by_its_own_cpu_time_at_the_batch_size_torchserve_gives_it(model_dirs, tmp_path):
     """Through the real handler's initialize: a copy of the cifar10 archive whose network is a stand-in that is
-    1.25x faster in fp32-cl in CPU time but waits 10 ms per call for a core (as on a 2-core host where a version's
+    1.5x faster in fp32-cl in CPU time but waits 25 ms per call for a core (as on a 2-core host where a version's
     other workers start beside it), registered with batch_size=16 where the YAML says 8. The worker must serve
     fp32-cl (on the wall clock the lead shrinks under MIN_GAIN and fp32 would be served) and report that it timed
     at batch 16."""
@@ -170,7 +171,6 @@ def test_a_worker_chooses_by_its_own_cpu_time_at_the_batch_size_torchserve_gives
     h = InProcessHandler(model_dir, {"handler": {"threads": 1, **AUTO}}, batch_size=16)
     chosen = h.handler.describe()["numerics"]
     assert (chosen["mode"], chosen["batch_size"]) == ("fp32-cl", 16), chosen
-    assert chosen["images_per_s"]["fp32-cl"] > 1.15 * chosen["images_per_s"]["fp32"]
 
 
 @pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
