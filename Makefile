@@ -11,9 +11,10 @@ MODEL   ?=
 VERSION ?= 1.0
 WEIGHTS ?=
 ARCH    ?=
+STACK   ?= 0.12.0
 
 .PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate reference export archive serve \
-        certs kserve stop status lint test test-unit soak bench device-check demo browser-deps clean
+        certs kserve kserve-stacks kserve-stack-0.9.0 kserve-stack-0.12.0 kserve-pod stop status lint test test-unit soak bench device-check demo browser-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -84,6 +85,25 @@ kserve: install  ## KServe storage layouts from config.properties into build/ (d
 	$(PY) -m serving.kserve --out build/kserve-cifar10-canary --model cifar10 --default cifar10=2.0 \
 		$(if $(TOKEN_AUTH),--token-auth)
 	$(PY) -m serving.kserve --out build/kserve-mnist --model mnist $(if $(TOKEN_AUTH),--token-auth)
+	$(PY) -m serving.kserve --out build/docker --host 0.0.0.0 $(if $(TOKEN_AUTH),--token-auth)
+
+# The KServe runtime images' interpreter stacks (deploy/kserve/stacks/), each a venv on pyenv's Python 3.9: the
+# suite runs the archives, TorchServe and the image's kserve_wrapper in them (tests/integration/test_kserve_pod.py).
+PYTHON39 ?= $(shell pyenv root 2>/dev/null)/versions/3.9.18/bin/python
+.venv-kfs-%/.installed: deploy/kserve/stacks/torchserve-kfs-%.txt
+	@test -x "$(PYTHON39)" || { echo "Python 3.9 not found at $(PYTHON39) (pyenv install 3.9.18, or PYTHON39=...)"; exit 1; }
+	rm -rf .venv-kfs-$*
+	$(PYTHON39) -m venv .venv-kfs-$*
+	.venv-kfs-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-kfs-$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+kserve-stack-0.9.0: .venv-kfs-0.9.0/.installed  ## the stock KServe image's stack: Python 3.9, torch 2.1.0, TorchServe 0.9.0, kserve 0.11.2
+kserve-stack-0.12.0: .venv-kfs-0.12.0/.installed  ## torchserve-kfs:0.12.0's stack: Python 3.9, torch 2.4.0, TorchServe 0.12.0, kserve 0.13.0
+kserve-stacks: kserve-stack-0.9.0 kserve-stack-0.12.0  ## both (about 2-3 minutes and 5.5 GB each)
+
+kserve-pod: kserve kserve-stack-$(STACK)  ## run build/kserve as KServe's pod would: TorchServe + the image's KServe server on 8080 (STACK=0.12.0)
+	$(PY) -m serving.kserve_pod --stack $(STACK) $(if $(PROTOCOL),--protocol $(PROTOCOL))
 
 certs: install  ## a self-signed TLS pair in certs/ for the prod profile (make serve PROFILE=prod)
 	$(PY) -m serving.certs
@@ -97,7 +117,7 @@ status: install  ## models, versions and workers of the running server
 lint: install  ## ruff (pinned; rules in pyproject.toml): pyflakes, pycodestyle errors, import order, bugbear
 	$(VENV)/bin/ruff check .
 
-test: install bench-deps browser-deps lint  ## lint, then the whole suite: unit, training and integration tests against a real TorchServe
+test: install bench-deps browser-deps kserve-stacks lint  ## lint, then the whole suite: unit, training and integration tests against a real TorchServe
 	$(PY) -m pytest
 
 test-unit: install  ## everything that needs no server
@@ -116,4 +136,4 @@ demo: install  ## the demo page on the origin config.properties admits (cors_all
 	$(PY) -m client.demo
 
 clean:  ## remove built archives, logs and checkpoints (keeps .venv and the shipped weights)
-	rm -rf model_store/*.mar model_store/*.sha256 logs checkpoints exports build
+	rm -rf model_store/*.mar model_store/*.sha256 logs checkpoints exports build  # keeps .venv-kfs-* too

@@ -396,7 +396,7 @@ class ImageClassifier(BaseHandler):
                   "attributions": [[round(v, 6) for v in line] for line in attributions[i].tolist()],
                   "completeness_delta": round(float(deltas[i]), 6), "method": "integrated_gradients",
                   "baseline": "black", "steps": self.explain_steps}
-                 for i, (label, p) in enumerate(zip(labels, top, strict=True))]
+                 for i, (label, p) in enumerate(zip(labels, top))]
         if plan.form == payload.KSERVE:
             return {"explanations": items}
         return items[0] if plan.form == payload.SINGLE else items
@@ -440,7 +440,7 @@ class ImageClassifier(BaseHandler):
                                          [top_values[i][:k] for i in rows])
                 results.append(json.dumps(body, separators=(",", ":")).encode())
                 continue
-            answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k], strict=True)}
+            answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k])}
                        for i in rows]
             if plan.explain:
                 results.append(json.dumps(self._explanation(batch, idx, plan, answers), separators=(",", ":")).encode())

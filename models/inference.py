@@ -30,7 +30,7 @@ def tta_views(x: torch.Tensor, level: int = 0) -> list[tuple[float, torch.Tensor
         height, width = x.shape[2:]
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         views += [v for s in (padded[:, :, :height, :width], padded[:, :, 2:, 2:]) for v in (s, s.flip(3))]
-    return list(zip(TTA_WEIGHTS[level], views, strict=True))
+    return list(zip(TTA_WEIGHTS[level], views))
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tensor:
@@ -41,7 +41,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tenso
 def mean_softmax(view_logits: Iterable[torch.Tensor], weights: Sequence[float], temperature: float) -> torch.Tensor:
     """Σ_v w_v · softmax(logits_v / T): the one formula for a served probability, which calibration fits T for."""
     return sum(w * torch.softmax(logits / temperature, dim=-1)
-               for w, logits in zip(weights, view_logits, strict=True))
+               for w, logits in zip(weights, view_logits))
 
 
 def calibrated_probabilities(model: nn.Module, x: torch.Tensor, level: int = 0,

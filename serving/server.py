@@ -117,7 +117,7 @@ def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | 
 def config_on_free_ports(source: Path, dest: Path, store: Path, overrides: dict[str, str] | None = None) -> Path:
     """A copy of a config file with every port moved to a free one and the model store replaced, so a test or a
     benchmark server runs beside `make serve` without touching it."""
-    return write_config(source, dest, store, dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)), strict=True)),
+    return write_config(source, dest, store, dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)))),
                         overrides)
 
 
@@ -223,6 +223,9 @@ class TorchServe:
     source_config: Path | None = None
     overrides: dict[str, str] | None = None
     env: dict[str, str | None] | None = None  # for java and its workers; None removes a variable
+    # The command that starts java; default: this interpreter's `torchserve --start` with the project's log
+    # config. A KServe pod rebuilt here (serving/kserve_pod.py) gives its runtime's own arguments instead.
+    command: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.properties = read_properties(self.config)
@@ -406,13 +409,13 @@ class TorchServe:
                 env.pop(key, None)
             else:
                 env[key] = value
-        launcher = Path(sys.executable).with_name("torchserve")
+        command = self.command or [str(Path(sys.executable).with_name("torchserve")), "--start", "--ts-config",
+                                   str(self.config), "--model-store", str(self.model_store), "--log-config",
+                                   str(LOG_CONFIG), "--ncs"]
         with open(self.log_dir / "ts.out", "ab") as out:
             # java inherits these descriptors: never a pipe, or whoever reads it blocks until java exits.
-            subprocess.run([str(launcher), "--start", "--ts-config", str(self.config), "--model-store",
-                            str(self.model_store), "--log-config", str(LOG_CONFIG), "--ncs"], cwd=self.run_dir,
-                           env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
-                           start_new_session=True)
+            subprocess.run(command, cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=subprocess.STDOUT, check=False, start_new_session=True)
 
     def wait_ready(self, timeout: float, launched: bool = True) -> None:
         """Poll until every expected version has a READY worker; fail on the first sign it never will."""

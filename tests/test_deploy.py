@@ -1,5 +1,7 @@
-"""deploy/: every InferenceService validates against KServe's own v1beta1 schema, names a layout `make kserve`
-writes, and the images call the commands the suite runs (tests/integration/test_container.py)."""
+"""deploy/: every manifest validates strictly against KServe's own CRD (as an API server with strict field
+validation checks it: unknown fields rejected wherever the schema does not preserve them, plus the ranges KServe's
+webhook enforces), every InferenceService names this project's runtime and a layout `make kserve` writes, the
+runtime runs what the suite runs (serving/kserve_pod.py), and the images call the commands the suite runs."""
 from __future__ import annotations
 
 import re
@@ -13,18 +15,50 @@ import yaml
 
 from tests.conftest import ROOT, require
 
-CRD = ROOT.parent / "shared" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+KSERVE = ROOT.parent / "shared" / "kserve"
+CRD = KSERVE / "serving.kserve.io_inferenceservices.yaml"
+RUNTIME_CRD = KSERVE / "serving.kserve.io_clusterservingruntimes.yaml"
+STOCK_RUNTIME = KSERVE / "kserve-torchserve-runtime.yaml"
 MANIFESTS = sorted((ROOT / "deploy" / "kserve").glob("*.yaml"))
 SERVICES = [path for path in MANIFESTS if yaml.safe_load(path.read_text())["kind"] == "InferenceService"]
+RUNTIME = ROOT / "deploy" / "kserve" / "custom-runtime.yaml"
+
+
+def strict(schema: dict) -> dict:
+    """A CRD's structural schema as strict field validation applies it: an object that lists its `properties`
+    and neither preserves unknown fields nor says `additionalProperties` accepts no other field."""
+    if isinstance(schema, dict):
+        schema = {key: strict(value) for key, value in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(item) for item in schema]
+    return schema
+
+
+def crd_validator(path: Path, version: str) -> jsonschema.Draft7Validator:
+    require(path.is_file(), f"{path} is absent: KServe's CRDs are only on CI and the project's machines")
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # up to 39,000 lines
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(strict(schema))
+
+
+def webhook_errors(manifest: dict) -> list[str]:
+    """What KServe's validating webhook rejects and the CRD leaves open (canaryTrafficPercent is a bare int64)."""
+    percent = manifest["spec"]["predictor"].get("canaryTrafficPercent")
+    return [] if percent is None or 0 <= percent <= 100 else [f"canaryTrafficPercent {percent} is not in 0-100"]
 
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Draft7Validator:
-    """What a cluster checks an InferenceService against: the CRD's v1beta1 openAPIV3Schema."""
-    require(CRD.is_file(), f"{CRD} is absent: KServe's CRD is only on CI and the project's machines")
-    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 39,000 lines
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(schema)
+    """What a cluster checks an InferenceService against: the CRD's v1beta1 openAPIV3Schema, strictly."""
+    return crd_validator(CRD, "v1beta1")
+
+
+@pytest.fixture(scope="module")
+def runtime_validator() -> jsonschema.Draft7Validator:
+    return crd_validator(RUNTIME_CRD, "v1alpha1")
 
 
 def test_there_are_manifests_for_both_models_both_protocols_a_canary_and_a_gpu():
@@ -39,10 +73,49 @@ def test_there_are_manifests_for_both_models_both_protocols_a_canary_and_a_gpu()
 def test_inference_service_validates_against_kserves_schema(validator, path):
     manifest = yaml.safe_load(path.read_text())
     validator.validate(manifest)
-    wrong = dict(manifest, spec={**manifest["spec"], "predictor": {**manifest["spec"]["predictor"],
-                                                                  "scaleMetric": "bogus"}})
+    assert webhook_errors(manifest) == []
+    predictor = manifest["spec"]["predictor"]
+    wrong_value = dict(manifest, spec={**manifest["spec"], "predictor": {**predictor, "scaleMetric": "bogus"}})
     with pytest.raises(jsonschema.ValidationError):  # the schema does constrain what it validates
-        validator.validate(wrong)
+        validator.validate(wrong_value)
+    misspelt = dict(manifest, spec={**manifest["spec"], "predictor": {
+        **predictor, "model": {**predictor["model"], "storageUrl": predictor["model"]["storageUri"]}}})
+    with pytest.raises(jsonschema.ValidationError, match="storageUrl"):  # strict: an unknown field is an error
+        validator.validate(misspelt)
+    for percent, errors in ((0, 0), (100, 0), (101, 1), (-1, 1)):
+        canary = dict(manifest, spec={**manifest["spec"], "predictor": {**predictor, "canaryTrafficPercent": percent}})
+        validator.validate(canary)
+        assert len(webhook_errors(canary)) == errors, percent
+
+
+def test_the_runtime_validates_strictly_against_its_crd(runtime_validator):
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    runtime_validator.validate(runtime)
+    container = runtime["spec"]["containers"][0]
+    misspelt = dict(runtime, spec={**runtime["spec"], "containers": [{**container, "argz": container["args"]}]})
+    with pytest.raises(jsonschema.ValidationError, match="argz"):
+        runtime_validator.validate(misspelt)
+
+
+def test_every_service_names_the_runtime_whose_stack_the_suite_runs():
+    """Each InferenceService names classifiers-torchserve (not the stock kserve-torchserve, whose 0.9.0 image
+    says ready before TorchServe has a worker), whose protocols cover the service's, whose container runs the
+    stock runtime's own args and env, and whose image is deploy/docker/Dockerfile.kserve on the base whose stack
+    `make kserve-stack-0.12.0` rebuilds."""
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    for path in SERVICES:
+        model = yaml.safe_load(path.read_text())["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"], path.name
+        assert model["protocolVersion"] in runtime["spec"]["protocolVersions"], path.name
+    require(STOCK_RUNTIME.is_file(), f"{STOCK_RUNTIME} is only on CI and the project's machines")
+    stock = yaml.safe_load(STOCK_RUNTIME.read_text())["spec"]["containers"][0]
+    ours = runtime["spec"]["containers"][0]
+    assert ours["args"] == stock["args"] and ours["env"] == stock["env"]
+    assert ours["image"].endswith(":0.12.0")
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile.kserve").read_text()
+    assert re.search(r"^ARG BASE=pytorch/torchserve-kfs:0\.12\.0$", dockerfile, re.MULTILINE)
+    stack = (ROOT / "deploy" / "kserve" / "stacks" / "torchserve-kfs-0.12.0.txt").read_text()
+    assert "torchserve==0.12.0" in stack and "torch==2.4.0" in stack and "kserve[storage]==0.13.0" in stack
 
 
 @pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)

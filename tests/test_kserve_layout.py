@@ -30,7 +30,7 @@ def test_the_snapshot_is_config_properties_models(layout):
 
 def test_kserve_runtime_settings(layout):
     config = read_properties(layout / "config" / "config.properties")
-    assert config["inference_address"] == config["management_address"] == "http://0.0.0.0:8085"
+    assert config["inference_address"] == config["management_address"] == "http://127.0.0.1:8085"  # pod-only
     assert config["metrics_address"] == "http://0.0.0.0:8082" and config["metrics_mode"] == "prometheus"
     assert config["enable_envvars_config"] == "true" and config["install_py_dep_per_model"] == "false"
     assert config["model_store"] == "/mnt/models/model-store"
@@ -61,3 +61,10 @@ def test_a_canary_layout_moves_only_the_default(tmp_path):
     assert models["mnist"]["1.0"]["defaultVersion"] is True
     with pytest.raises(ValueError, match="cifar10 9.0 is not in"):
         kserve.build(tmp_path / "bad", defaults={"cifar10": "9.0"})
+
+
+def test_only_the_plain_images_layout_listens_beyond_loopback(tmp_path):
+    """In a KServe pod only the wrapper fronts TorchServe; the plain image (deploy/docker/Dockerfile) has no
+    front, so `make kserve`'s build/docker binds 0.0.0.0, and nothing else does."""
+    config = read_properties(kserve.build(tmp_path / "docker", host="0.0.0.0") / "config" / "config.properties")
+    assert config["inference_address"] == config["management_address"] == "http://0.0.0.0:8085"

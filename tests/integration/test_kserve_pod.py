@@ -1,0 +1,333 @@
+"""KServe as KServe runs it: each runtime image's stack (Python 3.9, its torch, TorchServe and kserve), the layout
+uploaded to an S3-compatible server and downloaded by that stack's own `kserve.storage.Storage` (the storage
+initializer's call), then TorchServe and the image's `kserve_wrapper` started as the image's entrypoint starts them
+(serving/kserve_pod.py), and every request sent to KServe's server on 8080/8081, never to TorchServe."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from serving import kserve, kserve_pod
+from serving.catalog import ROOT
+from serving.server import free_ports
+from tests.conftest import require
+
+CAT = (ROOT / "examples" / "cat.png").read_bytes()
+HORSE = (ROOT / "examples" / "horse.png").read_bytes()
+DIGIT7 = (ROOT / "examples" / "digit7.png").read_bytes()
+SAMPLE = ROOT.parent / "shared" / "kserve" / "samples" / "v2_bytes_conv_mnist_v2_bytes.json"
+BUCKET, PREFIX = "models", "classifiers/kserve"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on loopback, the layout `make kserve` writes uploaded under s3://models/classifiers/kserve/."""
+    import boto3
+
+    port = free_ports(1)[0]
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(endpoint, timeout=1)
+            break
+        except requests.ConnectionError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+    layout = kserve.build(tmp_path_factory.mktemp("layout") / "kserve")
+    client = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in CREDENTIALS.items()
+                                                           if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    for path in sorted(layout.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{PREFIX}/{path.relative_to(layout)}")
+    try:
+        yield {"endpoint": endpoint, "layout": layout}
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+
+
+def storage_download(stack: str, uri: str, dest: Path, endpoint: str) -> subprocess.CompletedProcess:
+    """What KServe's storage initializer runs for `storageUri`: Storage.download(uri, dest), in the image's stack."""
+    return subprocess.run([str(kserve_pod.stack_python(stack)), "-c",
+                           "import sys; from kserve.storage import Storage; Storage.download(sys.argv[1], sys.argv[2])",
+                           uri, str(dest)], env=dict(os.environ, AWS_ENDPOINT_URL=endpoint, **CREDENTIALS),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module", params=kserve_pod.STACKS, ids=lambda s: f"kfs-{s}")
+def stack(request):
+    require(kserve_pod.stack_python(request.param).exists(),
+            f".venv-kfs-{request.param} is missing: make kserve-stack-{request.param} (make test builds it)")
+    require(kserve_pod.wrapper_dir(request.param).is_dir(), "../shared/kserve is only on the project's machines")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def mnt(stack, s3, tmp_path_factory):
+    """/mnt of the pod: models/ downloaded from S3 by the stack's own storage code, byte for byte the layout."""
+    mnt = tmp_path_factory.mktemp(f"mnt-{stack}")
+    done = storage_download(stack, f"s3://{BUCKET}/{PREFIX}", mnt / "models", s3["endpoint"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    uploaded = {p.relative_to(s3["layout"]): p.read_bytes() for p in s3["layout"].rglob("*") if p.is_file()}
+    downloaded = {p.relative_to(mnt / "models"): p.read_bytes() for p in (mnt / "models").rglob("*") if p.is_file()}
+    assert downloaded == uploaded
+    return mnt
+
+
+def test_a_missing_prefix_fails_with_kserves_own_error(stack, s3, tmp_path):
+    done = storage_download(stack, f"s3://{BUCKET}/classifiers/no-such-layout", tmp_path / "models", s3["endpoint"])
+    assert done.returncode != 0
+    assert "RuntimeError: Failed to fetch model. No model found in" in done.stderr, done.stderr[-2000:]
+
+
+def start_pod(stack: str, mnt: Path, run_dir: Path, protocol: str, envelope: str) -> kserve_pod.Pod:
+    """Start a pod and record what TorchServe's workers were doing the moment KServe's server first said ready,
+    and how a request sent at that moment was answered."""
+    # MODEL_LOAD_DELAY (the 0.12.0 wrapper's pause between readiness polls, 30 s by default) is an env variable
+    # the wrapper reads; 1 s only makes the pod ready sooner after its workers are.
+    pod = kserve_pod.Pod(stack, mnt, run_dir, protocol=protocol, envelope=envelope,
+                         extra_env={"MODEL_LOAD_DELAY": "1"})
+    pod.launch()
+    try:
+        started = time.monotonic()
+        while not pod.ready():
+            assert pod.wrapper.poll() is None, pod.log_tail()
+            assert time.monotonic() - started < 300, pod.log_tail()
+            time.sleep(0.05)
+        pod.not_ready_at_ready = pod.defaults_not_ready()
+        if protocol != "grpc-v2":
+            pod.first_answer = predict(pod, "cifar10", [CAT])
+        pod.wait_for_workers = pod.defaults_not_ready()
+        deadline = time.monotonic() + 240
+        while pod.defaults_not_ready():  # the other tests start from a pod whose workers are up
+            assert time.monotonic() < deadline, pod.log_tail()
+            time.sleep(0.25)
+    except BaseException:
+        pod.stop()
+        raise
+    return pod
+
+
+@pytest.fixture(scope="module", params=[("v1", "kserve"), ("v2", "kservev2")], ids=["v1", "v2"])
+def pod(request, stack, mnt, tmp_path_factory):
+    protocol, envelope = request.param
+    pod = start_pod(stack, mnt, tmp_path_factory.mktemp(f"pod-{stack}-{protocol}"), protocol, envelope)
+    try:
+        yield pod
+    finally:
+        pod.stop()
+
+
+def predict(pod, model: str, images: list[bytes | str]) -> tuple[int, list[str] | str]:
+    """(status, top-1 labels or the error text) in the pod's own protocol: KServe's server forwards a request in
+    PROTOCOL_VERSION's form, so a v2 pod answers v2 clients (a v1 body there fails inside KServe's server)."""
+    data = [im if isinstance(im, str) else b64(im) for im in images]
+    if pod.protocol == "v1":
+        answer = requests.post(f"{pod.http}/v1/models/{model}:predict",
+                               json={"instances": [{"b64": d} for d in data]}, timeout=120)
+        return answer.status_code, ([next(iter(p)) for p in answer.json()["predictions"]]
+                                    if answer.status_code == 200 else answer.text)
+    answer = requests.post(f"{pod.http}/v2/models/{model}/infer", timeout=120, json={
+        "inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(data)], "data": data}]})
+    return answer.status_code, top1_v2(answer.json()) if answer.status_code == 200 else answer.text
+
+
+def top1_v2(body: dict) -> list[str]:
+    labels = next(o for o in body["outputs"] if o["name"] == "labels")
+    n, k = labels["shape"]
+    return [labels["data"][i * k] for i in range(n)]
+
+
+def test_readiness_and_a_request_at_that_moment(pod):
+    """The 0.12.0 wrapper says ready only once every default version has a READY worker (it polls TorchServe's
+    management API); the 0.9.0 wrapper says ready as soon as it finds a .mar file, before any worker is up
+    (its TorchserveModel.load), so there a request at that moment waits in TorchServe's queue. Either way the
+    request at that moment is answered correctly."""
+    if pod.stack == "0.12.0":
+        assert pod.not_ready_at_ready == []
+    assert pod.first_answer == (200, ["cat"])
+
+
+def test_v1_and_v2_clients_at_once_share_batches(pod):
+    """48 requests at 16-way concurrency through KServe's server, v1 and v2 interleaved (a v2 pod: v2 only, see
+    `predict`): each gets its own correct answer in its own protocol, and TorchServe ran them in shared
+    server-side batches."""
+    jobs = []
+    for i in range(16):
+        jobs.append(("v1", "cifar10", {"instances": [{"b64": b64(im)} for im in [CAT, HORSE][: 1 + i % 2]]},
+                     ["cat", "horse"][: 1 + i % 2]))
+        jobs.append(("v2", "cifar10", {"id": f"b{i}", "inputs": [{"name": "images", "datatype": "BYTES",
+                                                                   "shape": [2], "data": [b64(HORSE), b64(CAT)]}]},
+                     ["horse", "cat"]))
+        jobs.append(("v1", "mnist", {"instances": [{"b64": b64(DIGIT7)}]}, ["7"]))
+    if pod.protocol == "v2":
+        jobs = [job for job in jobs if job[0] == "v2"] + [
+            ("v2", "mnist", {"id": f"m{i}", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                                         "data": [b64(DIGIT7)]}]}, ["7"]) for i in range(16)]
+    cifar10 = sum(1 for job in jobs if job[1] == "cifar10")
+
+    def send(job):
+        protocol, model, body, _ = job
+        url = (f"{pod.http}/v1/models/{model}:predict" if protocol == "v1" else f"{pod.http}/v2/models/{model}/infer")
+        return requests.post(url, json=body, timeout=120)
+
+    before = batches_received(pod)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, jobs))
+    for (protocol, _, body, expected), answer in zip(jobs, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        if protocol == "v1":
+            assert [next(iter(p)) for p in answer.json()["predictions"]] == expected
+        else:
+            assert answer.json()["id"] == body["id"] and top1_v2(answer.json()) == expected
+    batches = settled(lambda: batches_received(pod)) - before
+    assert 0 < batches < cifar10, f"{cifar10} cifar10 requests ran in {batches} batches: none shared"
+
+
+def batches_received(pod) -> int:
+    """Batches cifar10 1.0's workers have received: TorchServe's worker logs one line per batch."""
+    log = pod.torchserve.log_dir / "model_log.log"
+    return sum(1 for line in log.read_text(errors="replace").splitlines()
+               if "cifar10_1.0" in line and "Backend received inference" in line)
+
+
+def settled(count, quiet: float = 1.0, timeout: float = 30.0) -> int:
+    """`count()` once it has stopped changing for `quiet` seconds (java's log lines arrive a moment late)."""
+    value, since, deadline = count(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if (now := count()) != value:
+            value, since = now, time.monotonic()
+    return value
+
+
+def test_kserves_own_v2_sample_in_the_form_kserves_server_accepts(pod):
+    """KServe's v2 MNIST sample as it is gets 422 from KServe's own request model (`"shape": -1` and a bare
+    string as `data`; kserve/kserve#3478); with `"shape": [1]` and `"data": [<base64>]` it is answered."""
+    sample = json.loads(SAMPLE.read_text())
+    as_is = requests.post(f"{pod.http}/v2/models/mnist/infer", json=sample, timeout=60)
+    assert as_is.status_code == 422, as_is.text
+    tensor = sample["inputs"][0]
+    accepted = dict(sample, inputs=[dict(tensor, shape=[1], data=[tensor["data"]])])
+    answer = requests.post(f"{pod.http}/v2/models/mnist/infer", json=accepted, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_name"] == "mnist" and top1_v2(answer.json()) == ["0"]
+
+
+def test_explain_through_kserves_server(pod):
+    answer = requests.post(f"{pod.http}/v1/models/cifar10:explain", json={"instances": [{"b64": b64(CAT)}]},
+                           timeout=180)
+    assert answer.status_code == 200, answer.text
+    explanation = answer.json()["explanations"][0]
+    assert explanation["label"] == "cat" and explanation["method"] == "integrated_gradients"
+    assert np.asarray(explanation["attributions"]).shape == (32, 32)
+
+
+def test_bad_input_gets_the_handlers_own_message_and_harms_no_one(pod):
+    """KServe's server (0.11.2 and 0.13.0 alike) turns every non-2xx answer of TorchServe into its own 500
+    (`Model._http_predict` raises httpx's HTTPStatusError, which only its generic handler catches), so through
+    the wrapper a bad image is a 500 carrying the handler's own 4xx message and status; a v2 body that is not
+    a v2 request is KServe's own 422. A good request beside them is answered."""
+    status, error = predict(pod, "cifar10", ["not base64!"])
+    assert status == 500
+    assert "invalid base64" in error and "400 Bad Request" in error, error
+    malformed = requests.post(f"{pod.http}/v2/models/cifar10/infer", json={"inputs": "x"}, timeout=60)
+    assert malformed.status_code == 422, malformed.text
+    assert predict(pod, "cifar10", [HORSE]) == (200, ["horse"])
+
+
+def non_loopback_address() -> str:
+    """This machine's address as another pod would reach it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+        address = probe.getsockname()[0]
+    require(not address.startswith("127."), "this machine has no address but loopback")
+    return address
+
+
+def test_only_kserves_server_and_metrics_are_reachable_from_outside_the_pod(pod):
+    """From another pod (this machine's non-loopback address), TorchServe's management and inference (8085) and
+    its gRPC (7070, 7071) refuse the connection; KServe's server (8080) and metrics (8082) answer."""
+    address = non_loopback_address()
+    for port in (8085, 7070, 7071):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://{address}:{port}/models", timeout=5)
+    assert requests.get(f"http://{address}:8080/v2/health/ready", timeout=5).status_code == 200
+    assert requests.get(f"http://{address}:8082/metrics", timeout=5).status_code == 200
+    # Inside the pod the wrapper reaches management on loopback, as its readiness polls do.
+    assert requests.get("http://127.0.0.1:8085/models", timeout=5).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def grpc_pod(stack, mnt, tmp_path_factory):
+    pod = start_pod(stack, mnt, tmp_path_factory.mktemp(f"pod-{stack}-grpc"), "grpc-v2", "kservev2")
+    try:
+        yield pod
+    finally:
+        pod.stop()
+
+
+GRPC_CLIENT = """
+import json, sys
+import grpc
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb, grpc_predict_v2_pb2_grpc as stubs
+address, model, image = sys.argv[1:]
+contents = pb.InferTensorContents(bytes_contents=[open(image, "rb").read()])
+tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[1], contents=contents)
+request = pb.ModelInferRequest(model_name=model, id="g1", inputs=[tensor])
+try:
+    reply = stubs.GRPCInferenceServiceStub(grpc.insecure_channel(address)).ModelInfer(request, timeout=60)
+    outputs = {o.name: o for o in reply.outputs}
+    labels = outputs["labels"].contents.bytes_contents or [b for b in reply.raw_output_contents[:1]]
+    print(json.dumps({"code": "OK", "id": reply.id, "model": reply.model_name, "outputs": sorted(outputs),
+                      "top1": labels[0].decode()}))
+except grpc.RpcError as error:
+    print(json.dumps({"code": error.code().name, "details": error.details()}))
+"""
+
+
+def grpc_infer(pod, model: str, image: bytes, tmp_path: Path) -> dict:
+    """A gRPC v2 client built on KServe's own protos (they ship in the stack's kserve), sent to 8081."""
+    path = tmp_path / f"{model}.png"
+    path.write_bytes(image)
+    done = subprocess.run([str(kserve_pod.stack_python(pod.stack)), "-c", GRPC_CLIENT, pod.grpc, model, str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_grpc_v2_through_kserves_server(grpc_pod, tmp_path):
+    """KServe's gRPC ModelInfer on 8081, forwarded by the wrapper to TorchServe's gRPC Predictions on the pod's
+    loopback (its conversion sends one BYTES element per tensor: one image per request)."""
+    for model, image, label in (("cifar10", CAT, "cat"), ("mnist", DIGIT7, "7")):
+        answer = grpc_infer(grpc_pod, model, image, tmp_path)
+        assert answer["code"] == "OK", answer
+        assert answer["model"] == model and answer["top1"] == label
+        assert answer["outputs"] == ["labels", "probabilities"]
+    # An undecodable image: the handler's error comes back from TorchServe's gRPC as a body without
+    # "outputs", which the wrapper's from_ts_grpc cannot convert: the client sees UNKNOWN (README says so).
+    garbage = grpc_infer(grpc_pod, "cifar10", b"not an image", tmp_path)
+    assert garbage["code"] != "OK", garbage
+    assert grpc_infer(grpc_pod, "cifar10", HORSE, tmp_path)["top1"] == "horse"  # and the pod serves on
