@@ -1,7 +1,7 @@
 """A KServe TorchServe pod rebuilt on this machine from the pieces its image runs (no container engine here).
 
-    make kserve-stack-0.12.0 kserve
-    python -m serving.kserve_pod --stack 0.12.0 --mnt build/kserve-pod [--protocol v2] [--envelope kservev2]
+    make kserve-pod [STACK=0.12.0] [PROTOCOL=v1|v2|grpc-v2]
+    python -m serving.kserve_pod --stack 0.12.0 [--protocol v2] [--envelope kservev2] [--front project|stock]
 
 What runs, and where each piece comes from:
 - the image's interpreter stack: `.venv-kfs-<version>/` (`make kserve-stack-<version>` installs
@@ -13,7 +13,9 @@ What runs, and where each piece comes from:
   (deploy/kserve/custom-runtime.yaml, the same as KServe's `kserve-torchserve`) and TS_SERVICE_ENVELOPE as KServe
   sets it from the `serviceEnvelope` label ("" without one), then KServe's own server: the image's
   `kserve_wrapper/` (../shared/kserve/torchserve-kfs/<version>/), run unchanged, with the protos compiled from
-  TorchServe's jar as the image's Dockerfile compiles them and PROTOCOL_VERSION as the runtime sets it.
+  TorchServe's jar as the image's Dockerfile compiles them and PROTOCOL_VERSION as the runtime sets it; started
+  either by the kfs image's own entrypoint ("stock") or by this project's runtime image's
+  (deploy/docker/kserve-entrypoint.sh, "project": the same wrapper through serving/kserve_front.py).
 The ports are the image's: the wrapper's 8080 (HTTP) and 8081 (gRPC) are fixed in its `__main__.py`, TorchServe's
 come from the layout (8085, 7070 and 7071 on loopback, 8082 for metrics), so one pod runs at a time.
 """
@@ -40,6 +42,7 @@ KFS = ROOT.parent / "shared" / "kserve" / "torchserve-kfs"
 RUNTIME = ROOT / "deploy" / "kserve" / "custom-runtime.yaml"
 WRAPPER_HTTP, WRAPPER_GRPC = 8080, 8081  # kserve_wrapper/__main__.py: ModelServer(http_port=8080, grpc_port=8081)
 PROTOS = ("inference.proto", "management.proto")
+POD_PORTS = (WRAPPER_HTTP, WRAPPER_GRPC, 8082, 8085, 7070, 7071)  # the wrapper's, then the layout's TorchServe
 
 
 def stack_python(stack: str) -> Path:
@@ -51,9 +54,14 @@ def wrapper_dir(stack: str) -> Path:
     return KFS / stack / "kserve_wrapper"
 
 
-# dockerd-entrypoint.sh of both images is `set -e; eval "$@"; python kserve_wrapper/__main__.py`: the runtime's
-# args start TorchServe (which returns once java is launched), then KServe's server runs in the foreground.
-ENTRYPOINT = 'set -e; mount --bind "$0" /mnt; "$@"; exec "$WRAPPER_PYTHON" "$WRAPPER_MAIN"'
+FRONT = ROOT / "serving" / "kserve_front.py"
+PROJECT_ENTRYPOINT = ROOT / "deploy" / "docker" / "kserve-entrypoint.sh"
+# Inside the pod's mount namespace, after /mnt is bound: the image's entrypoint. "stock" is the kfs images'
+# dockerd-entrypoint.sh (`set -e; eval "$@"; python /home/model-server/kserve_wrapper/__main__.py`; the runtime's
+# args start TorchServe, which returns once java is launched, then KServe's server runs in the foreground);
+# "project" is deploy/docker/kserve-entrypoint.sh, this project's runtime image's, run from its file.
+ENTRYPOINTS = {"stock": 'set -e; mount --bind "$0" /mnt; eval "$@"; exec python "$KSERVE_WRAPPER_DIR/__main__.py"',
+               "project": f'set -e; mount --bind "$0" /mnt; exec bash {PROJECT_ENTRYPOINT} "$@"'}
 
 
 def runtime_container() -> dict:
@@ -87,11 +95,14 @@ class Pod:
     run_dir: Path
     protocol: str = "v1"  # PROTOCOL_VERSION: v1, v2 or grpc-v2
     envelope: str = ""  # TS_SERVICE_ENVELOPE: "", kserve or kservev2
+    front: str = "stock"  # the kfs image's own entrypoint, or this project's runtime image's (ENTRYPOINTS)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. MODEL_LOAD_DELAY for the wrapper
 
     def __post_init__(self) -> None:
         if self.stack not in STACKS:
             raise ValueError(f"stack must be one of {STACKS}, got {self.stack!r}")
+        if self.front not in ENTRYPOINTS:
+            raise ValueError(f"front must be one of {sorted(ENTRYPOINTS)}, got {self.front!r}")
         for needed, how in ((stack_python(self.stack), f"make kserve-stack-{self.stack}"),
                             (wrapper_dir(self.stack), "../shared/kserve (the project's machines have it)"),
                             (self.mnt / "models" / "config" / "config.properties", "make kserve")):
@@ -136,11 +147,11 @@ class Pod:
                    PATH=f"{stack_python(self.stack).parent}{os.pathsep}{os.environ['PATH']}",
                    PYTHONPATH=str(generated), TMPDIR=str(ts.tmp_dir), TEMP=str(ts.tmp_dir),
                    LOG_LOCATION=str(ts.log_dir), METRICS_LOCATION=str(ts.log_dir),
-                   WRAPPER_PYTHON=str(stack_python(self.stack)),
-                   WRAPPER_MAIN=str(wrapper_dir(self.stack) / "__main__.py"), **self.extra_env)
+                   KSERVE_WRAPPER_DIR=str(wrapper_dir(self.stack)), KSERVE_FRONT=str(FRONT), **self.extra_env)
         namespace = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
         with open(self.run_dir / "wrapper.log", "ab") as log:
-            self.wrapper = subprocess.Popen([*namespace, "sh", "-c", ENTRYPOINT, str(self.mnt.resolve()), *args],
+            self.wrapper = subprocess.Popen([*namespace, "bash", "-c", ENTRYPOINTS[self.front], str(self.mnt.resolve()),
+                                             *args],
                                             cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -189,8 +200,12 @@ class Pod:
         wrapper = (self.run_dir / "wrapper.log").read_text(errors="replace").splitlines()[-lines:]
         return "\n".join(["--- wrapper.log", *wrapper, "--- TorchServe", self.torchserve.logs.tail(10)])
 
-    def stop(self) -> None:
-        if self.wrapper is not None and self.wrapper.poll() is None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM the entrypoint's process group (KServe's server), stop TorchServe, and return once the pod's
+        ports are free again, so the next pod can start at once."""
+        if self.wrapper is None:
+            return
+        if self.wrapper.poll() is None:
             os.killpg(self.wrapper.pid, signal.SIGTERM)
             try:
                 self.wrapper.wait(30)
@@ -198,6 +213,13 @@ class Pod:
                 os.killpg(self.wrapper.pid, signal.SIGKILL)
                 self.wrapper.wait(10)
         self.torchserve.stop(quiet=True)
+        self.torchserve.kill_orphans()  # a java whose pid file went missing still names our TMPDIR
+        self.wrapper = None
+        deadline = time.monotonic() + timeout
+        while busy := [port for port in POD_PORTS if not port_is_free("0.0.0.0", port)]:
+            if time.monotonic() > deadline:
+                raise StartupError(f"ports {busy} still in use {timeout:.0f} s after the pod stopped")
+            time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the folder bound over /mnt; its models/ is (re)written from `make kserve`'s build/kserve")
     p.add_argument("--protocol", choices=("v1", "v2", "grpc-v2"), default="v1")
     p.add_argument("--envelope", choices=("", "kserve", "kservev2"), default="")
+    p.add_argument("--front", choices=sorted(ENTRYPOINTS), default="project",
+                   help="project: this project's runtime image (deploy/docker/kserve-entrypoint.sh); stock: the kfs "
+                   "image's own entrypoint")
     p.add_argument("--run-dir", type=Path, default=ROOT / "logs" / "kserve-pod")
     args = p.parse_args(argv)
     layout = ROOT / "build" / "kserve"
@@ -214,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{layout} is missing: run `make kserve` first")
     shutil.rmtree(args.mnt / "models", ignore_errors=True)
     shutil.copytree(layout, args.mnt / "models")
-    pod = Pod(args.stack, args.mnt, args.run_dir.resolve(), args.protocol, args.envelope)
+    pod = Pod(args.stack, args.mnt, args.run_dir.resolve(), args.protocol, args.envelope, args.front)
     print(f"ready after {pod.start():.1f} s: {pod.http} (HTTP), {pod.grpc} (gRPC); Ctrl-C stops it")
     try:
         signal.pause()

@@ -512,11 +512,12 @@ class TorchServe:
             pass  # it exited on its own between the check and the signal
         self.pid_file.unlink(missing_ok=True)
         self.key_file.unlink(missing_ok=True)  # the keys die with the server; a new start writes new ones
-        self.orphans_killed = self._kill_orphaned_workers()
+        self.orphans_killed = self.kill_orphans()
         return True
 
-    def _kill_orphaned_workers(self) -> int:
-        """Workers of a java that died hard keep running; their socket path names our private TMPDIR."""
+    def kill_orphans(self) -> int:
+        """Workers of a java that died hard keep running, and a java whose pid file is gone: their command lines
+        name our private TMPDIR."""
         killed = 0
         for proc in psutil.process_iter(["cmdline"]):
             try:

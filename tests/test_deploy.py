@@ -114,6 +114,12 @@ def test_every_service_names_the_runtime_whose_stack_the_suite_runs():
     assert ours["image"].endswith(":0.12.0")
     dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile.kserve").read_text()
     assert re.search(r"^ARG BASE=pytorch/torchserve-kfs:0\.12\.0$", dockerfile, re.MULTILINE)
+    # What it starts is the entrypoint serving/kserve_pod.py runs as the "project" front, from these files.
+    assert instruction_args(ROOT / "deploy" / "docker" / "Dockerfile.kserve", "ENTRYPOINT") == [
+        "/usr/local/bin/kserve-entrypoint.sh"]
+    assert "COPY deploy/docker/kserve-entrypoint.sh /usr/local/bin/kserve-entrypoint.sh" in dockerfile
+    assert "COPY serving/kserve_front.py /home/model-server/kserve_front.py" in dockerfile
+    assert "/home/model-server/kserve_front.py" in (ROOT / "deploy" / "docker" / "kserve-entrypoint.sh").read_text()
     stack = (ROOT / "deploy" / "kserve" / "stacks" / "torchserve-kfs-0.12.0.txt").read_text()
     assert "torchserve==0.12.0" in stack and "torch==2.4.0" in stack and "kserve[storage]==0.13.0" in stack
 

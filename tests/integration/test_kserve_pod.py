@@ -20,7 +20,7 @@ import requests
 
 from serving import kserve, kserve_pod
 from serving.catalog import ROOT
-from serving.server import free_ports
+from serving.server import free_ports, port_is_free
 from tests.conftest import require
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
@@ -76,12 +76,26 @@ def storage_download(stack: str, uri: str, dest: Path, endpoint: str) -> subproc
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(scope="module", params=kserve_pod.STACKS, ids=lambda s: f"kfs-{s}")
-def stack(request):
-    require(kserve_pod.stack_python(request.param).exists(),
-            f".venv-kfs-{request.param} is missing: make kserve-stack-{request.param} (make test builds it)")
-    require(kserve_pod.wrapper_dir(request.param).is_dir(), "../shared/kserve is only on the project's machines")
-    return request.param
+# (stack, front): the stock runtime's image (kfs 0.9.0), kfs 0.12.0 as it is, and this project's runtime image
+# (kfs 0.12.0 with deploy/docker/kserve-entrypoint.sh), which every manifest in deploy/kserve/ names.
+IMAGES = {"kfs-0.9.0": ("0.9.0", "stock"), "kfs-0.12.0": ("0.12.0", "stock"), "runtime": ("0.12.0", "project")}
+
+
+@pytest.fixture(scope="module", params=list(IMAGES))
+def image(request):
+    stack, front = IMAGES[request.param]
+    require(kserve_pod.stack_python(stack).exists(),
+            f".venv-kfs-{stack} is missing: make kserve-stack-{stack} (make test builds it)")
+    require(kserve_pod.wrapper_dir(stack).is_dir(), "../shared/kserve is only on the project's machines")
+    busy = [port for port in kserve_pod.POD_PORTS if not port_is_free("127.0.0.1", port)]
+    require(not busy, f"ports {busy} are in use (`make serve` takes 8080-8082): a pod listens on the image's "
+            "fixed ports; stop the server to run these tests")
+    return stack, front
+
+
+@pytest.fixture(scope="module")
+def stack(image):
+    return image[0]
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +116,13 @@ def test_a_missing_prefix_fails_with_kserves_own_error(stack, s3, tmp_path):
     assert "RuntimeError: Failed to fetch model. No model found in" in done.stderr, done.stderr[-2000:]
 
 
-def start_pod(stack: str, mnt: Path, run_dir: Path, protocol: str, envelope: str) -> kserve_pod.Pod:
+def start_pod(image: tuple[str, str], mnt: Path, run_dir: Path, protocol: str, envelope: str) -> kserve_pod.Pod:
     """Start a pod and record what TorchServe's workers were doing the moment KServe's server first said ready,
     and how a request sent at that moment was answered."""
     # MODEL_LOAD_DELAY (the 0.12.0 wrapper's pause between readiness polls, 30 s by default) is an env variable
     # the wrapper reads; 1 s only makes the pod ready sooner after its workers are.
-    pod = kserve_pod.Pod(stack, mnt, run_dir, protocol=protocol, envelope=envelope,
+    stack, front = image
+    pod = kserve_pod.Pod(stack, mnt, run_dir, protocol=protocol, envelope=envelope, front=front,
                          extra_env={"MODEL_LOAD_DELAY": "1"})
     pod.launch()
     try:
@@ -130,10 +145,18 @@ def start_pod(stack: str, mnt: Path, run_dir: Path, protocol: str, envelope: str
     return pod
 
 
-@pytest.fixture(scope="module", params=[("v1", "kserve"), ("v2", "kservev2")], ids=["v1", "v2"])
-def pod(request, stack, mnt, tmp_path_factory):
-    protocol, envelope = request.param
-    pod = start_pod(stack, mnt, tmp_path_factory.mktemp(f"pod-{stack}-{protocol}"), protocol, envelope)
+# PROTOCOL_VERSION → the TS_SERVICE_ENVELOPE label that goes with it. One fixture, so that pytest never holds two
+# pods at once (they share the image's fixed ports): each test names the protocols it runs on.
+ENVELOPES = {"v1": "kserve", "v2": "kservev2", "grpc-v2": "kservev2"}
+REST = pytest.mark.parametrize("pod", ["v1", "v2"], indirect=True)
+GRPC = pytest.mark.parametrize("pod", ["grpc-v2"], indirect=True)
+
+
+@pytest.fixture(scope="module")
+def pod(request, image, mnt, tmp_path_factory):
+    protocol = request.param
+    pod = start_pod(image, mnt, tmp_path_factory.mktemp(f"pod-{'-'.join(image)}-{protocol}"), protocol,
+                    ENVELOPES[protocol])
     try:
         yield pod
     finally:
@@ -160,6 +183,7 @@ def top1_v2(body: dict) -> list[str]:
     return [labels["data"][i * k] for i in range(n)]
 
 
+@REST
 def test_readiness_and_a_request_at_that_moment(pod):
     """The 0.12.0 wrapper says ready only once every default version has a READY worker (it polls TorchServe's
     management API); the 0.9.0 wrapper says ready as soon as it finds a .mar file, before any worker is up
@@ -170,6 +194,7 @@ def test_readiness_and_a_request_at_that_moment(pod):
     assert pod.first_answer == (200, ["cat"])
 
 
+@REST
 def test_v1_and_v2_clients_at_once_share_batches(pod):
     """48 requests at 16-way concurrency through KServe's server, v1 and v2 interleaved (a v2 pod: v2 only, see
     `predict`): each gets its own correct answer in its own protocol, and TorchServe ran them in shared
@@ -182,8 +207,8 @@ def test_v1_and_v2_clients_at_once_share_batches(pod):
                                                                    "shape": [2], "data": [b64(HORSE), b64(CAT)]}]},
                      ["horse", "cat"]))
         jobs.append(("v1", "mnist", {"instances": [{"b64": b64(DIGIT7)}]}, ["7"]))
-    if pod.protocol == "v2":
-        jobs = [job for job in jobs if job[0] == "v2"] + [
+    if pod.protocol == "v2":  # as many cifar10 requests as the v1 pods get, so batches have the same chance
+        jobs = [job for job in jobs if job[0] == "v2"] * 2 + [
             ("v2", "mnist", {"id": f"m{i}", "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
                                                          "data": [b64(DIGIT7)]}]}, ["7"]) for i in range(16)]
     cifar10 = sum(1 for job in jobs if job[1] == "cifar10")
@@ -223,6 +248,7 @@ def settled(count, quiet: float = 1.0, timeout: float = 30.0) -> int:
     return value
 
 
+@REST
 def test_kserves_own_v2_sample_in_the_form_kserves_server_accepts(pod):
     """KServe's v2 MNIST sample as it is gets 422 from KServe's own request model (`"shape": -1` and a bare
     string as `data`; kserve/kserve#3478); with `"shape": [1]` and `"data": [<base64>]` it is answered."""
@@ -236,6 +262,7 @@ def test_kserves_own_v2_sample_in_the_form_kserves_server_accepts(pod):
     assert answer.json()["model_name"] == "mnist" and top1_v2(answer.json()) == ["0"]
 
 
+@REST
 def test_explain_through_kserves_server(pod):
     answer = requests.post(f"{pod.http}/v1/models/cifar10:explain", json={"instances": [{"b64": b64(CAT)}]},
                            timeout=180)
@@ -245,14 +272,24 @@ def test_explain_through_kserves_server(pod):
     assert np.asarray(explanation["attributions"]).shape == (32, 32)
 
 
-def test_bad_input_gets_the_handlers_own_message_and_harms_no_one(pod):
+@REST
+def test_bad_input_gets_its_own_4xx_through_this_projects_runtime(pod):
     """KServe's server (0.11.2 and 0.13.0 alike) turns every non-2xx answer of TorchServe into its own 500
-    (`Model._http_predict` raises httpx's HTTPStatusError, which only its generic handler catches), so through
-    the wrapper a bad image is a 500 carrying the handler's own 4xx message and status; a v2 body that is not
-    a v2 request is KServe's own 422. A good request beside them is answered."""
+    (`Model._http_predict` raises httpx's HTTPStatusError, which only its generic handler catches): through the
+    kfs images' own entrypoint a bad image is a 500 that carries the handler's message and status. This
+    project's runtime (serving/kserve_front.py) passes TorchServe's status on: 400 for an undecodable image, 413
+    for more images than a request may hold, each with the handler's message. A v2 body that is not a v2
+    request is KServe's own 422 everywhere, and a good request beside them is answered."""
     status, error = predict(pod, "cifar10", ["not base64!"])
-    assert status == 500
-    assert "invalid base64" in error and "400 Bad Request" in error, error
+    too_many_status, too_many = predict(pod, "cifar10", [CAT] * 65)
+    assert "invalid base64" in error, error
+    assert "the limit is 64 per request" in too_many, too_many
+    if pod.front == "project":
+        assert (status, too_many_status) == (400, 413)
+        assert set(json.loads(error)) == {"detail"}
+    else:
+        assert (status, too_many_status) == (500, 500)
+        assert "400 Bad Request" in error and "413" in too_many
     malformed = requests.post(f"{pod.http}/v2/models/cifar10/infer", json={"inputs": "x"}, timeout=60)
     assert malformed.status_code == 422, malformed.text
     assert predict(pod, "cifar10", [HORSE]) == (200, ["horse"])
@@ -267,6 +304,7 @@ def non_loopback_address() -> str:
     return address
 
 
+@REST
 def test_only_kserves_server_and_metrics_are_reachable_from_outside_the_pod(pod):
     """From another pod (this machine's non-loopback address), TorchServe's management and inference (8085) and
     its gRPC (7070, 7071) refuse the connection; KServe's server (8080) and metrics (8082) answer."""
@@ -278,15 +316,6 @@ def test_only_kserves_server_and_metrics_are_reachable_from_outside_the_pod(pod)
     assert requests.get(f"http://{address}:8082/metrics", timeout=5).status_code == 200
     # Inside the pod the wrapper reaches management on loopback, as its readiness polls do.
     assert requests.get("http://127.0.0.1:8085/models", timeout=5).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def grpc_pod(stack, mnt, tmp_path_factory):
-    pod = start_pod(stack, mnt, tmp_path_factory.mktemp(f"pod-{stack}-grpc"), "grpc-v2", "kservev2")
-    try:
-        yield pod
-    finally:
-        pod.stop()
 
 
 GRPC_CLIENT = """
@@ -318,16 +347,17 @@ def grpc_infer(pod, model: str, image: bytes, tmp_path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_grpc_v2_through_kserves_server(grpc_pod, tmp_path):
+@GRPC
+def test_grpc_v2_through_kserves_server(pod, tmp_path):
     """KServe's gRPC ModelInfer on 8081, forwarded by the wrapper to TorchServe's gRPC Predictions on the pod's
     loopback (its conversion sends one BYTES element per tensor: one image per request)."""
     for model, image, label in (("cifar10", CAT, "cat"), ("mnist", DIGIT7, "7")):
-        answer = grpc_infer(grpc_pod, model, image, tmp_path)
+        answer = grpc_infer(pod, model, image, tmp_path)
         assert answer["code"] == "OK", answer
         assert answer["model"] == model and answer["top1"] == label
         assert answer["outputs"] == ["labels", "probabilities"]
     # An undecodable image: the handler's error comes back from TorchServe's gRPC as a body without
     # "outputs", which the wrapper's from_ts_grpc cannot convert: the client sees UNKNOWN (README says so).
-    garbage = grpc_infer(grpc_pod, "cifar10", b"not an image", tmp_path)
+    garbage = grpc_infer(pod, "cifar10", b"not an image", tmp_path)
     assert garbage["code"] != "OK", garbage
-    assert grpc_infer(grpc_pod, "cifar10", HORSE, tmp_path)["top1"] == "horse"  # and the pod serves on
+    assert grpc_infer(pod, "cifar10", HORSE, tmp_path)["top1"] == "horse"  # and the pod serves on

@@ -148,4 +148,4 @@ def test_stop_survives_a_worker_that_exits_between_listing_and_kill(tmp_path, mo
     listed.info = {"cmdline": listed.cmdline()}
     gone.communicate(b"")  # it exits, and is reaped, after being listed
     monkeypatch.setattr(psutil, "process_iter", lambda attrs=None: iter([listed]))
-    assert server._kill_orphaned_workers() == 0
+    assert server.kill_orphans() == 0
