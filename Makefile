@@ -17,7 +17,7 @@ STACK   ?= 0.12.0
         certs kserve kserve-stacks kserve-stack-0.9.0 kserve-stack-0.12.0 kserve-pod stop status lint test test-unit soak bench device-check demo browser-deps clean
 
 help:  ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

@@ -20,6 +20,7 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import Awaitable
 
 from fastapi import HTTPException
 from httpx import HTTPStatusError
@@ -43,27 +44,26 @@ def client_error(error: HTTPStatusError) -> HTTPException | None:
                          headers={"Retry-After": retry} if retry else None)
 
 
+async def passing_on(answer: Awaitable):
+    """`answer`'s result, or TorchServe's own request error where it failed with one."""
+    try:
+        return await answer
+    except HTTPStatusError as error:
+        passed = client_error(error)
+        if passed is None:
+            raise
+        raise passed from error
+
+
 def keeping_statuses(model_class: type) -> type:
     """`model_class` (the wrapper's TorchserveModel) with TorchServe's request errors passed on."""
 
     class TorchserveModel(model_class):
         async def predict(self, *args, **kwargs):
-            try:
-                return await super().predict(*args, **kwargs)
-            except HTTPStatusError as error:
-                passed = client_error(error)
-                if passed is None:
-                    raise
-                raise passed from error
+            return await passing_on(super().predict(*args, **kwargs))
 
         async def explain(self, *args, **kwargs):
-            try:
-                return await super().explain(*args, **kwargs)
-            except HTTPStatusError as error:
-                passed = client_error(error)
-                if passed is None:
-                    raise
-                raise passed from error
+            return await passing_on(super().explain(*args, **kwargs))
 
     return TorchserveModel
 

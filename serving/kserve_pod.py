@@ -222,6 +222,10 @@ class Pod:
             time.sleep(0.2)
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stack", choices=STACKS, default="0.12.0")
@@ -240,8 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(args.mnt / "models", ignore_errors=True)
     shutil.copytree(layout, args.mnt / "models")
     pod = Pod(args.stack, args.mnt, args.run_dir.resolve(), args.protocol, args.envelope, args.front)
-    print(f"ready after {pod.start():.1f} s: {pod.http} (HTTP), {pod.grpc} (gRPC); Ctrl-C stops it")
+    # SIGTERM (`kill`, make being stopped) stops the pod as Ctrl-C does: its processes run in their own session.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
+        print(f"ready after {pod.start():.1f} s: {pod.http} (HTTP), {pod.grpc} (gRPC); Ctrl-C stops it",
+              flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass
