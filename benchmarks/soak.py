@@ -1,10 +1,16 @@
-"""A bounded soak: good and bad requests at a fixed concurrency, checked one by one.
+"""A bounded soak: good and bad requests at a fixed concurrency, checked one by one, and every TorchServe process's
+memory sampled while it runs.
 
-    python -m benchmarks.soak [--duration 180] [--connections 32] [--inference-url ...] [--management-url ...]
+    python -m benchmarks.soak [--duration 180] [--connections 32] [--sample-every 60] [--max-slope 10]
+                              [--inference-url ...] [--management-url ...]
 
 Each good request must answer 200 with the expected top-1 label, each bad one its 4xx; anything else
-(another status, a wrong label, a timeout, a refused connection) is an unexpected result. Prints requests/s,
-p50/p99 per window, worker RSS at the start and the end, and exits 1 on any unexpected result.
+(another status, a wrong label, a timeout, a refused connection) is an unexpected result. Every `--sample-every`
+seconds the RSS of java (the process listening on the inference port) and of every worker (the describe API's
+pids) is read; each process's growth is the least-squares slope of its samples once warm (after the first
+quarter of the run, at most 5 minutes), in MiB per hour, and its peak the largest sample; the server's peak is
+the largest sum over one sample. Prints requests/s, p50/p99 per window, those figures and whether any worker pid
+changed, and exits 1 on any unexpected result, a changed pid, or a slope over `--max-slope` when given.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import psutil
 import requests
@@ -82,19 +89,72 @@ def worker(url: str, plan: list[Probe], offset: int, stop_at: float, start: floa
                 tally.unexpected.append(problem)
 
 
-def worker_rss(management_url: str) -> dict[str, float]:
-    """MiB of resident memory per worker pid, from the describe API's pids."""
-    rss = {}
+def java_pid(inference_url: str) -> int | None:
+    """The frontend: the process listening on the inference port (None where this user may not see it)."""
+    port = urlparse(inference_url).port
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return connection.pid
+    return None
+
+
+def server_processes(inference_url: str, management_url: str) -> dict[str, int]:
+    """name → pid for java and every worker (`model/version:pid`, from the describe API)."""
+    found = {}
+    java = java_pid(inference_url)
+    if java is not None:
+        found["java"] = java
     models = requests.get(f"{management_url}/models", timeout=10).json()["models"]
     for model in models:
         for version in requests.get(f"{management_url}/models/{model['modelName']}/all", timeout=10).json():
             for w in version["workers"]:
-                try:
-                    rss[f"{model['modelName']}/{version['modelVersion']}:{w['pid']}"] = \
-                        psutil.Process(int(w["pid"])).memory_info().rss / 2**20
-                except (psutil.NoSuchProcess, ValueError):
-                    pass
+                if str(w.get("pid", "")).isdigit():
+                    found[f"{model['modelName']}/{version['modelVersion']}:{w['pid']}"] = int(w["pid"])
+    return found
+
+
+def rss_of(processes: dict[str, int]) -> dict[str, float]:
+    """MiB of resident memory per process that is still alive."""
+    rss = {}
+    for name, pid in processes.items():
+        try:
+            rss[name] = psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            pass
     return rss
+
+
+def slope_mib_per_hour(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MiB) samples, in MiB per hour (0 with fewer than two)."""
+    if len(samples) < 2:
+        return 0.0
+    mean_t = statistics.fmean(t for t, _ in samples)
+    mean_m = statistics.fmean(m for _, m in samples)
+    spread = sum((t - mean_t) ** 2 for t, _ in samples)
+    return 3600 * sum((t - mean_t) * (m - mean_m) for t, m in samples) / spread if spread else 0.0
+
+
+def memory_report(samples: list[tuple[float, dict[str, float]]], warm_after: float) -> dict:
+    """Per process: RSS at the first and last sample, peak, and slope once warm; the server's peak total."""
+    names = sorted({name for _, rss in samples for name in rss})
+    report = {}
+    for name in names:
+        series = [(t, rss[name]) for t, rss in samples if name in rss]
+        warm = [(t, m) for t, m in series if t >= warm_after]
+        report[name] = {"first_mib": round(series[0][1], 1), "last_mib": round(series[-1][1], 1),
+                        "peak_mib": round(max(m for _, m in series), 1),
+                        "slope_mib_per_h": round(slope_mib_per_hour(warm), 1), "warm_samples": len(warm)}
+    total = max((sum(rss.values()) for _, rss in samples), default=0.0)
+    return {"processes": report, "server_peak_mib": round(total, 1)}
+
+
+def sample_memory(processes: dict[str, int], every: float, stop: threading.Event, start: float,
+                  samples: list[tuple[float, dict[str, float]]]) -> None:
+    while True:
+        samples.append((time.monotonic() - start, rss_of(processes)))
+        if stop.wait(every):
+            samples.append((time.monotonic() - start, rss_of(processes)))
+            return
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,11 +163,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def soak(inference_url: str, management_url: str, duration: float, connections: int,
-         window: float = 60.0) -> dict:
+         window: float = 60.0, sample_every: float | None = None) -> dict:
     plan = probes()
-    rss_before = worker_rss(management_url)
+    processes = server_processes(inference_url, management_url)
+    every = sample_every or max(1.0, min(60.0, duration / 10))
     tally = Tally()
+    samples: list[tuple[float, dict[str, float]]] = []
+    stop = threading.Event()
     start = time.monotonic()
+    sampler = threading.Thread(target=sample_memory, args=(processes, every, stop, start, samples), daemon=True)
+    sampler.start()
     threads = [threading.Thread(target=worker, args=(inference_url, plan, i, start + duration, start, tally))
                for i in range(connections)]
     for t in threads:
@@ -115,18 +180,20 @@ def soak(inference_url: str, management_url: str, duration: float, connections: 
     for t in threads:
         t.join()
     elapsed = time.monotonic() - start
-    rss_after = worker_rss(management_url)
+    stop.set()
+    sampler.join()
+    after = server_processes(inference_url, management_url)
     windows = []
     for w in range(int(-(-elapsed // window))):
         lat = [latency for at, latency in tally.latencies if w * window <= at < (w + 1) * window]
         if lat:
             windows.append({"window": w + 1, "requests": len(lat), "p50_ms": round(percentile(lat, 0.5) * 1000, 1),
                             "p99_ms": round(percentile(lat, 0.99) * 1000, 1)})
-    growth = {k: round(rss_after[k] - rss_before[k], 1) for k in rss_before if k in rss_after}
     return {"requests": tally.count, "seconds": round(elapsed, 1),
             "requests_per_second": round(tally.count / elapsed, 1),
             "unexpected": len(tally.unexpected), "examples": tally.unexpected[:5], "windows": windows,
-            "rss_mib_before": {k: round(v, 1) for k, v in rss_before.items()}, "rss_growth_mib": growth,
+            "memory": memory_report(samples, warm_after=min(300.0, elapsed / 4)), "sample_every_s": every,
+            "pids_changed": sorted(set(processes.items()) ^ set(after.items())),
             "median_latency_ms": round(statistics.median(latency for _, latency in tally.latencies) * 1000, 1)
             if tally.latencies else None}
 
@@ -138,17 +205,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=180.0)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--window", type=float, default=60.0, help="seconds per p50/p99 line")
+    p.add_argument("--sample-every", type=float, default=None,
+                   help="seconds between memory samples (default: a tenth of the run, at most 60)")
+    p.add_argument("--max-slope", type=float, default=None, metavar="MIB_PER_H",
+                   help="fail when any process grows faster than this once warm")
+    p.add_argument("--json", type=Path, default=None, help="also write the whole report here")
     args = p.parse_args(argv)
-    report = soak(args.inference_url, args.management_url, args.duration, args.connections, args.window)
+    report = soak(args.inference_url, args.management_url, args.duration, args.connections, args.window,
+                  args.sample_every)
     print(f"{report['requests']} requests in {report['seconds']} s ({report['requests_per_second']} req/s) "
           f"at {args.connections} connections; unexpected results: {report['unexpected']}")
     for w in report["windows"]:
         print(f"  window {w['window']}: {w['requests']} requests, p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms")
-    for name, growth in report["rss_growth_mib"].items():
-        print(f"  worker {name}: RSS {report['rss_mib_before'][name]} MiB, growth {growth:+} MiB")
+    memory = report["memory"]
+    for name, m in memory["processes"].items():
+        print(f"  {name}: RSS {m['first_mib']} -> {m['last_mib']} MiB, peak {m['peak_mib']} MiB, "
+              f"{m['slope_mib_per_h']:+} MiB/h once warm ({m['warm_samples']} samples)")
+    print(f"  server peak: {memory['server_peak_mib']} MiB (sum of every process at one sample); "
+          f"pids changed: {report['pids_changed'] or 'none'}")
     for example in report["examples"]:
         print(f"  unexpected: {example}")
-    return 1 if report["unexpected"] else 0
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    too_fast = [name for name, m in memory["processes"].items()
+                if args.max_slope is not None and m["slope_mib_per_h"] > args.max_slope]
+    for name in too_fast:
+        print(f"  {name} grows faster than {args.max_slope} MiB/h")
+    return 1 if report["unexpected"] or report["pids_changed"] or too_fast else 0
 
 
 if __name__ == "__main__":

@@ -78,6 +78,12 @@ def test_soak_smoke_has_no_unexpected_results(served):
     report = soak.soak(served.url("inference"), served.url("management"), duration=8, connections=connections,
                        window=4)
     assert report["requests"] >= connections and report["unexpected"] == 0, report["examples"]
+    # Every TorchServe process was sampled, java included (it is what grew in an hour of load), none replaced.
+    memory = report["memory"]["processes"]
+    assert memory["java"]["first_mib"] > 0 and report["pids_changed"] == []
+    assert {name.split(":")[0] for name in memory if name != "java"} == {
+        f"{model}/{version}" for model, versions in served.expected_models().items() for version in versions}
+    assert report["memory"]["server_peak_mib"] >= sum(m["first_mib"] for m in memory.values())
 
 
 def non_loopback_addresses() -> list[str]:
