@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 
@@ -296,12 +297,11 @@ def test_bad_input_gets_its_own_4xx_through_this_projects_runtime(pod):
 
 
 def non_loopback_address() -> str:
-    """This machine's address as another pod would reach it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
-        address = probe.getsockname()[0]
-    require(not address.startswith("127."), "this machine has no address but loopback")
-    return address
+    """This machine's address as another pod would reach it (any IPv4 address of an interface but loopback)."""
+    addresses = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    require(bool(addresses), "this machine has no IPv4 address but loopback")
+    return addresses[0]
 
 
 @REST
