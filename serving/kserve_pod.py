@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the folder bound over /mnt; its models/ is (re)written from `make kserve`'s build/kserve")
     p.add_argument("--protocol", choices=("v1", "v2", "grpc-v2"), default="v1")
     p.add_argument("--envelope", choices=("", "kserve", "kservev2"), default="")
-    p.add_argument("--front", choices=sorted(ENTRYPOINTS), default="project",
-                   help="project: this project's runtime image (deploy/docker/kserve-entrypoint.sh); stock: the kfs "
-                   "image's own entrypoint")
+    p.add_argument("--front", choices=sorted(ENTRYPOINTS), default=None,
+                   help="project: this project's runtime image (deploy/docker/kserve-entrypoint.sh, on 0.12.0); "
+                   "stock: the kfs image's own entrypoint (default for 0.9.0, the stock runtime's image)")
     p.add_argument("--run-dir", type=Path, default=ROOT / "logs" / "kserve-pod")
     args = p.parse_args(argv)
     layout = ROOT / "build" / "kserve"
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{layout} is missing: run `make kserve` first")
     shutil.rmtree(args.mnt / "models", ignore_errors=True)
     shutil.copytree(layout, args.mnt / "models")
-    pod = Pod(args.stack, args.mnt, args.run_dir.resolve(), args.protocol, args.envelope, args.front)
+    front = args.front or ("project" if args.stack == "0.12.0" else "stock")
+    pod = Pod(args.stack, args.mnt, args.run_dir.resolve(), args.protocol, args.envelope, front)
     # SIGTERM (`kill`, make being stopped) stops the pod as Ctrl-C does: its processes run in their own session.
     signal.signal(signal.SIGTERM, interrupt)
     try:
