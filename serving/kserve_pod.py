@@ -128,32 +128,31 @@ class Pod:
 
     def launch(self) -> None:
         """Run the image's entrypoint in the pod's mount namespace; returns at once."""
-        busy = [port for _, port in self.torchserve.ports() if not port_is_free("127.0.0.1", port)]
-        busy += [port for port in (WRAPPER_HTTP, WRAPPER_GRPC) if not port_is_free("0.0.0.0", port)]
+        busy = self.busy_ports()
         if busy:
             raise StartupError(f"port {busy[0]} is in use: the pod needs the image's ports (8080, 8081 for "
                                "KServe's server, the layout's for TorchServe)")
         generated = compile_protos(self.stack, self.run_dir / "protos")
         container = runtime_container()
         args = container["args"]
-        ts = self.torchserve
-        ts.log_dir.mkdir(parents=True, exist_ok=True)
-        ts.tmp_dir.mkdir(parents=True, exist_ok=True)
-        ts.logs.mark()
-        env = dict(os.environ)
+        env = self.torchserve.launch_env()
         # The runtime's env as KServe renders it: TS_SERVICE_ENVELOPE from the serviceEnvelope label.
         env.update({e["name"]: e.get("value", "") for e in container.get("env", [])})
         env.update(TS_SERVICE_ENVELOPE=self.envelope, PROTOCOL_VERSION=self.protocol,
                    PATH=f"{stack_python(self.stack).parent}{os.pathsep}{os.environ['PATH']}",
-                   PYTHONPATH=str(generated), TMPDIR=str(ts.tmp_dir), TEMP=str(ts.tmp_dir),
-                   LOG_LOCATION=str(ts.log_dir), METRICS_LOCATION=str(ts.log_dir),
-                   KSERVE_WRAPPER_DIR=str(wrapper_dir(self.stack)), KSERVE_FRONT=str(FRONT), **self.extra_env)
+                   PYTHONPATH=str(generated), KSERVE_WRAPPER_DIR=str(wrapper_dir(self.stack)),
+                   KSERVE_FRONT=str(FRONT), **self.extra_env)
         namespace = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
         with open(self.run_dir / "wrapper.log", "ab") as log:
             self.wrapper = subprocess.Popen([*namespace, "bash", "-c", ENTRYPOINTS[self.front], str(self.mnt.resolve()),
                                              *args],
                                             cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def busy_ports(self) -> list[int]:
+        """The pod's ports that something already holds: KServe's server's and the layout's TorchServe ones."""
+        ts = [port for _, port in self.torchserve.ports() if not port_is_free("127.0.0.1", port)]
+        return ts + [port for port in (WRAPPER_HTTP, WRAPPER_GRPC) if not port_is_free("0.0.0.0", port)]
 
     def ready(self) -> bool:
         """KServe's own readiness (the v2 health route, which every kserve release serves for both protocols)."""
@@ -216,7 +215,7 @@ class Pod:
         self.torchserve.kill_orphans()  # a java whose pid file went missing still names our TMPDIR
         self.wrapper = None
         deadline = time.monotonic() + timeout
-        while busy := [port for port in POD_PORTS if not port_is_free("0.0.0.0", port)]:
+        while busy := self.busy_ports():
             if time.monotonic() > deadline:
                 raise StartupError(f"ports {busy} still in use {timeout:.0f} s after the pod stopped")
             time.sleep(0.2)

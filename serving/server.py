@@ -223,9 +223,6 @@ class TorchServe:
     source_config: Path | None = None
     overrides: dict[str, str] | None = None
     env: dict[str, str | None] | None = None  # for java and its workers; None removes a variable
-    # The command that starts java; default: this interpreter's `torchserve --start` with the project's log
-    # config. A KServe pod rebuilt here (serving/kserve_pod.py) gives its runtime's own arguments instead.
-    command: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.properties = read_properties(self.config)
@@ -398,7 +395,10 @@ class TorchServe:
             return time.monotonic() - started
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _launch(self) -> None:
+    def launch_env(self) -> dict[str, str]:
+        """The environment java starts in: this server's private TMPDIR (pid file, sockets) and log folder, and
+        `env`; creates both folders and marks the logs, so what follows is judged from this start on (a KServe
+        pod rebuilt here, serving/kserve_pod.py, starts java its own way in the same environment)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mark()
@@ -409,13 +409,17 @@ class TorchServe:
                 env.pop(key, None)
             else:
                 env[key] = value
-        command = self.command or [str(Path(sys.executable).with_name("torchserve")), "--start", "--ts-config",
-                                   str(self.config), "--model-store", str(self.model_store), "--log-config",
-                                   str(LOG_CONFIG), "--ncs"]
+        return env
+
+    def _launch(self) -> None:
+        env = self.launch_env()
+        launcher = Path(sys.executable).with_name("torchserve")
         with open(self.log_dir / "ts.out", "ab") as out:
             # java inherits these descriptors: never a pipe, or whoever reads it blocks until java exits.
-            subprocess.run(command, cwd=self.run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                           stderr=subprocess.STDOUT, check=False, start_new_session=True)
+            subprocess.run([str(launcher), "--start", "--ts-config", str(self.config), "--model-store",
+                            str(self.model_store), "--log-config", str(LOG_CONFIG), "--ncs"], cwd=self.run_dir,
+                           env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
+                           start_new_session=True)
 
     def wait_ready(self, timeout: float, launched: bool = True) -> None:
         """Poll until every expected version has a READY worker; fail on the first sign it never will."""
