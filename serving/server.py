@@ -499,37 +499,54 @@ class TorchServe:
         return missing
 
     def stop(self, timeout: float = 60.0, quiet: bool = False) -> bool:
-        """SIGTERM java and wait for it (SIGKILL after `timeout`); False when nothing of ours was running."""
+        """SIGTERM java and wait for it (SIGKILL after `timeout`), then end any worker of this server that
+        outlived it (also when java had already died: its workers keep running); False when nothing of ours
+        was running."""
         pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)  # stale: its pid is gone or belongs to someone else now
-            return False
-        try:
-            java = psutil.Process(pid)
-            java.terminate()
+        if pid is not None:
             try:
-                java.wait(timeout)
-            except psutil.TimeoutExpired:
-                java.kill()
-                java.wait(30)
-        except psutil.NoSuchProcess:
-            pass  # it exited on its own between the check and the signal
-        self.pid_file.unlink(missing_ok=True)
-        self.key_file.unlink(missing_ok=True)  # the keys die with the server; a new start writes new ones
+                java = psutil.Process(pid)
+                java.terminate()
+                try:
+                    java.wait(timeout)
+                except psutil.TimeoutExpired:
+                    java.kill()
+                    java.wait(30)
+            except psutil.NoSuchProcess:
+                pass  # it exited on its own between the check and the signal
         self.orphans_killed = self.kill_orphans()
-        return True
+        self.pid_file.unlink(missing_ok=True)  # stale when java was gone: its pid may be anyone's now
+        self.key_file.unlink(missing_ok=True)  # the keys die with the server; a new start writes new ones
+        return pid is not None or self.orphans_killed > 0
+
+    def owns(self, process: psutil.Process) -> bool:
+        """Whether `process` is provably this server's: TorchServe's java with exactly our TMPDIR as its
+        `java.io.tmpdir`, or a worker in TorchServe's exact form for it (`ts/model_service_worker.py --sock-name
+        <our TMPDIR>/.ts.sock.<port>`) whose parent is such a java or, once java died, nobody's TorchServe (it
+        was handed to init). A command line that merely contains the path (an editor, `tail`, `logs/tmp2`) is
+        not ours."""
+        argv = process.cmdline()
+        if "org.pytorch.serve.ModelServer" in argv:
+            return f"-Djava.io.tmpdir={self.tmp_dir}" in argv
+        socket_form = re.compile(re.escape(str(self.tmp_dir)) + r"/\.ts\.sock\.\d+")
+        worker = (any(a.endswith("ts/model_service_worker.py") for a in argv) and "--sock-name" in argv[:-1]
+                  and socket_form.fullmatch(argv[argv.index("--sock-name") + 1]) is not None)
+        if not worker:
+            return False
+        parent = process.parent()
+        return parent is None or "org.pytorch.serve.ModelServer" not in parent.cmdline() or self.owns(parent)
 
     def kill_orphans(self) -> int:
-        """Workers of a java that died hard keep running, and a java whose pid file is gone: their command lines
-        name our private TMPDIR."""
+        """SIGKILL what outlived java and is provably ours (`owns`): its workers, and a java whose pid file went
+        missing. Processes we may not inspect are left alone."""
         killed = 0
-        for proc in psutil.process_iter(["cmdline"]):
+        for process in psutil.process_iter():
             try:
-                if any(str(self.tmp_dir) in part for part in proc.info["cmdline"] or []):
-                    proc.kill()
+                if process.pid != os.getpid() and self.owns(process):
+                    process.kill()
                     killed += 1
-            except psutil.NoSuchProcess:
-                continue  # it exited between the listing and the kill: nothing left to do
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue  # gone between the listing and the kill, or not ours to inspect
         return killed
 
 

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -138,14 +139,73 @@ def test_a_stale_pid_file_never_signals_another_process(tmp_path, model_store):
         bystander.wait()
 
 
+def fake_worker(tmp_path: Path, server: TorchServe, port: int = 9000) -> subprocess.Popen:
+    """A process in TorchServe's exact worker form for `server`'s TMPDIR (a script named like the worker's),
+    parented by this test, not by a TorchServe java: what a crashed java's worker looks like."""
+    script = tmp_path / "ts" / "model_service_worker.py"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text("import sys\nsys.stdin.read()\n")
+    server.tmp_dir.mkdir(parents=True, exist_ok=True)
+    worker = subprocess.Popen([sys.executable, str(script), "--sock-type", "unix", "--sock-name",
+                               f"{server.tmp_dir}/.ts.sock.{port}"], stdin=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while str(script) not in psutil.Process(worker.pid).cmdline():  # until the child has exec'd the script
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return worker
+
+
+def test_stop_signals_only_processes_it_can_prove_are_this_servers(tmp_path, model_store):
+    """Bystanders whose command lines hold the server's TMPDIR (an editor, `tail`, a sibling `tmp2` folder, a
+    worker form for another folder) survive `stop`; a worker in TorchServe's exact form for this TMPDIR whose
+    java is gone does not."""
+    server = server_for(tmp_path, model_store)
+    server.tmp_dir.mkdir(parents=True, exist_ok=True)
+    sleeper = "import sys; sys.stdin.read()"
+    tmp = str(server.tmp_dir)
+    bystanders = [subprocess.Popen([sys.executable, "-c", sleeper, *argv], stdin=subprocess.PIPE) for argv in (
+        [f"{tmp}/.ts.sock.9000"],                                   # `tail`-like: the path as an argument
+        [f"{tmp}2/.ts.sock.9000", "--sock-name", f"{tmp}2/.ts.sock.9000"],  # logs/tmp2
+        ["ts/model_service_worker.py", "--sock-name", f"{tmp}/other/.ts.sock.9000"],
+        ["org.pytorch.serve.ModelServer", f"-Djava.io.tmpdir={tmp}2"])]
+    orphan = fake_worker(tmp_path, server)
+    try:
+        assert server.stop() is True  # java was not running, but a worker of it was
+        assert orphan.wait(10) == -9 and server.orphans_killed == 1
+        assert all(b.poll() is None for b in bystanders)
+    finally:
+        for process in [*bystanders, orphan]:
+            process.kill()
+            process.wait()
+
+
 def test_stop_survives_a_worker_that_exits_between_listing_and_kill(tmp_path, model_store, monkeypatch):
     """A process listed as an orphan may be gone by the time it is killed; that is success, not an error."""
     server = server_for(tmp_path, model_store)
-    server.tmp_dir.mkdir(parents=True, exist_ok=True)
-    gone = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", str(server.tmp_dir)],
-                            stdin=subprocess.PIPE)
+    gone = fake_worker(tmp_path, server)
     listed = psutil.Process(gone.pid)
-    listed.info = {"cmdline": listed.cmdline()}
-    gone.communicate(b"")  # it exits, and is reaped, after being listed
+    assert server.owns(listed)
+
+    def proven_then_gone(process: psutil.Process) -> bool:
+        gone.communicate(b"")  # it exits, and is reaped, after being proven ours and before the kill
+        return True
+
+    monkeypatch.setattr(server, "owns", proven_then_gone)
     monkeypatch.setattr(psutil, "process_iter", lambda attrs=None: iter([listed]))
     assert server.kill_orphans() == 0
+
+
+def test_a_crashed_javas_workers_are_cleaned_up_by_stop(tmp_path, model_store):
+    """java killed hard leaves its workers running (their sockets stay open); `stop` proves them ours by
+    TorchServe's worker form for this TMPDIR and ends them, though java's pid is gone."""
+    server = server_for(tmp_path, model_store)
+    server.start(timeout=240)
+    java = psutil.Process(server.pid())
+    workers = [w for w in java.children(recursive=True) if any("model_service_worker" in a for a in w.cmdline())]
+    assert workers
+    java.kill()
+    java.wait(30)
+    alive = [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert server.stop() == bool(alive) or alive == []
+    gone, left = psutil.wait_procs(workers, timeout=30)
+    assert left == [], f"workers outlived stop: {left}"
