@@ -12,6 +12,8 @@ VERSION ?= 1.0
 WEIGHTS ?=
 ARCH    ?=
 STACK   ?= 0.12.0
+SOAK_SECONDS ?= 180
+MAX_SLOPE ?=
 
 .PHONY: help install bench-deps train train-cifar10 train-cifar10-v2 train-mnist evaluate reference export archive serve \
         certs kserve kserve-stacks kserve-stack-0.9.0 kserve-stack-0.12.0 kserve-pod stop status lint test test-unit soak bench device-check demo browser-deps clean
@@ -79,7 +81,7 @@ archive: install  ## build model_store/*.mar (or one: MODEL=cifar10 VERSION=2.0 
 serve: install  ## start TorchServe in the background and wait for READY workers (PROFILE=prod for tokens)
 	$(PY) -m serving.server start --profile $(PROFILE)
 
-kserve: install  ## KServe storage layouts from config.properties into build/ (deploy/kserve/ names them)
+kserve: install  ## KServe storage layouts from config.prod.properties into build/ (deploy/kserve/ names them)
 	$(PY) -m serving.kserve --out build/kserve $(if $(TOKEN_AUTH),--token-auth)
 	$(PY) -m serving.kserve --out build/kserve-cifar10 --model cifar10 $(if $(TOKEN_AUTH),--token-auth)
 	$(PY) -m serving.kserve --out build/kserve-cifar10-canary --model cifar10 --default cifar10=2.0 \
@@ -123,8 +125,8 @@ test: install bench-deps browser-deps kserve-stacks lint  ## lint, then the whol
 test-unit: install  ## everything that needs no server
 	$(PY) -m pytest -m "not integration"
 
-soak: install  ## 3 minutes at 32 connections of good and bad requests against the running server
-	$(PY) -m benchmarks.soak --duration 180 --connections 32
+soak: install  ## 32 connections of good and bad requests against the running server, every process's memory sampled (SOAK_SECONDS=180; MAX_SLOPE=MiB/h fails faster growth)
+	$(PY) -m benchmarks.soak --duration $(SOAK_SECONDS) --connections 32 $(if $(MAX_SLOPE),--max-slope $(MAX_SLOPE))
 
 bench: install bench-deps  ## TorchServe vs its in-process ceiling and Flask, gunicorn, LitServe (writes benchmarks/results/)
 	$(PY) -m benchmarks.run

@@ -8,9 +8,11 @@ Each good request must answer 200 with the expected top-1 label, each bad one it
 (another status, a wrong label, a timeout, a refused connection) is an unexpected result. Every `--sample-every`
 seconds the RSS of java (the process listening on the inference port) and of every worker (the describe API's
 pids) is read; each process's growth is the least-squares slope of its samples once warm (after the first
-quarter of the run, at most 5 minutes), in MiB per hour, and its peak the largest sample; the server's peak is
-the largest sum over one sample. Prints requests/s, p50/p99 per window, those figures and whether any worker pid
-changed, and exits 1 on any unexpected result, a changed pid, or a slope over `--max-slope` when given.
+quarter of the run, at most 5 minutes), in MiB per hour, its peak the largest sample, and its high-water mark
+the kernel's (VmHWM: the peak between samples too); the server's peak is the largest sum over one sample. The
+probes reach every shipped version: cifar10 1.0 (the default), 2.0 and mnist. Prints requests/s, p50/p99 per
+window, those figures and whether any worker pid changed, and exits 1 on any unexpected result, a changed pid,
+or a slope over `--max-slope` when given.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def probes() -> list[Probe]:
     return [
         Probe("cifar10", {"data": cat}, 200, "cat"),
         Probe("cifar10", {"data": horse, "headers": {"Content-Type": "image/png"}}, 200, "horse"),
+        Probe("cifar10/2.0", {"data": cat}, 200, "cat"),
+        Probe("cifar10/2.0", {"data": horse, "headers": {"Content-Type": "image/png"}}, 200, "horse"),
         Probe("cifar10", {"data": json.dumps({"data": base64.b64encode(cat).decode()}),
                           "headers": {"Content-Type": "application/json"}}, 200, "cat"),
         Probe("mnist", {"data": digit}, 200, "7"),
@@ -124,6 +128,21 @@ def rss_of(processes: dict[str, int]) -> dict[str, float]:
     return rss
 
 
+def high_water_mib(processes: dict[str, int]) -> dict[str, float]:
+    """MiB of each live process's peak resident memory since it started (the kernel's VmHWM): the peak between
+    samples too, and what a container's memory limit must hold."""
+    peaks = {}
+    for name, pid in processes.items():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+        if kib is not None:  # a zombie has no memory left to report
+            peaks[name] = kib / 1024
+    return peaks
+
+
 def slope_mib_per_hour(samples: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, MiB) samples, in MiB per hour (0 with fewer than two)."""
     if len(samples) < 2:
@@ -134,8 +153,11 @@ def slope_mib_per_hour(samples: list[tuple[float, float]]) -> float:
     return 3600 * sum((t - mean_t) * (m - mean_m) for t, m in samples) / spread if spread else 0.0
 
 
-def memory_report(samples: list[tuple[float, dict[str, float]]], warm_after: float) -> dict:
-    """Per process: RSS at the first and last sample, peak, and slope once warm; the server's peak total."""
+def memory_report(samples: list[tuple[float, dict[str, float]]], warm_after: float,
+                  high_water: dict[str, float] | None = None) -> dict:
+    """Per process: RSS at the first and last sample, peak, slope once warm and the kernel's high-water mark;
+    the server's peak total over one sample, and the sum of the high-water marks (an upper bound of it)."""
+    high_water = high_water or {}
     names = sorted({name for _, rss in samples for name in rss})
     report = {}
     for name in names:
@@ -143,9 +165,11 @@ def memory_report(samples: list[tuple[float, dict[str, float]]], warm_after: flo
         warm = [(t, m) for t, m in series if t >= warm_after]
         report[name] = {"first_mib": round(series[0][1], 1), "last_mib": round(series[-1][1], 1),
                         "peak_mib": round(max(m for _, m in series), 1),
-                        "slope_mib_per_h": round(slope_mib_per_hour(warm), 1), "warm_samples": len(warm)}
+                        "slope_mib_per_h": round(slope_mib_per_hour(warm), 1), "warm_samples": len(warm),
+                        "high_water_mib": round(high_water[name], 1) if name in high_water else None}
     total = max((sum(rss.values()) for _, rss in samples), default=0.0)
-    return {"processes": report, "server_peak_mib": round(total, 1)}
+    return {"processes": report, "server_peak_mib": round(total, 1),
+            "high_water_sum_mib": round(sum(high_water.values()), 1)}
 
 
 def sample_memory(processes: dict[str, int], every: float, stop: threading.Event, start: float,
@@ -182,6 +206,7 @@ def soak(inference_url: str, management_url: str, duration: float, connections: 
     elapsed = time.monotonic() - start
     stop.set()
     sampler.join()
+    high_water = high_water_mib(processes)
     after = server_processes(inference_url, management_url)
     windows = []
     for w in range(int(-(-elapsed // window))):
@@ -192,7 +217,8 @@ def soak(inference_url: str, management_url: str, duration: float, connections: 
     return {"requests": tally.count, "seconds": round(elapsed, 1),
             "requests_per_second": round(tally.count / elapsed, 1),
             "unexpected": len(tally.unexpected), "examples": tally.unexpected[:5], "windows": windows,
-            "memory": memory_report(samples, warm_after=min(300.0, elapsed / 4)), "sample_every_s": every,
+            "memory": memory_report(samples, warm_after=min(300.0, elapsed / 4), high_water=high_water),
+            "sample_every_s": every,
             "pids_changed": sorted(set(processes.items()) ^ set(after.items())),
             "median_latency_ms": round(statistics.median(latency for _, latency in tally.latencies) * 1000, 1)
             if tally.latencies else None}
@@ -219,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  window {w['window']}: {w['requests']} requests, p50 {w['p50_ms']} ms, p99 {w['p99_ms']} ms")
     memory = report["memory"]
     for name, m in memory["processes"].items():
-        print(f"  {name}: RSS {m['first_mib']} -> {m['last_mib']} MiB, peak {m['peak_mib']} MiB, "
-              f"{m['slope_mib_per_h']:+} MiB/h once warm ({m['warm_samples']} samples)")
-    print(f"  server peak: {memory['server_peak_mib']} MiB (sum of every process at one sample); "
+        print(f"  {name}: RSS {m['first_mib']} -> {m['last_mib']} MiB, peak {m['peak_mib']} MiB "
+              f"(high-water {m['high_water_mib']} MiB), {m['slope_mib_per_h']:+} MiB/h once warm "
+              f"({m['warm_samples']} samples)")
+    print(f"  server peak: {memory['server_peak_mib']} MiB (sum of every process at one sample; "
+          f"sum of high-water marks {memory['high_water_sum_mib']} MiB); "
           f"pids changed: {report['pids_changed'] or 'none'}")
     for example in report["examples"]:
         print(f"  unexpected: {example}")

@@ -1,4 +1,4 @@
-"""`make kserve`: the storage layout KServe's TorchServe runtime serves, generated from config.properties.
+"""`make kserve`: the storage layout KServe's TorchServe runtime serves, generated from config.prod.properties.
 
     python -m serving.kserve [--out build/kserve] [--model cifar10] [--token-auth] [--default cifar10=2.0]
 
@@ -16,8 +16,10 @@ gRPC (7070/7071) listen on the pod's loopback, where the wrapper reaches them; m
 scrapes) is the one TorchServe port on 0.0.0.0. Nothing else in the cluster can scale, unregister or re-default a
 version.
 
-The model versions, their workers and batching come from `models=` in config.properties (the one source of
-truth; tests/test_kserve_layout.py keeps them equal). KServe's v1/v2 paths reach a model's default version
+The model versions, their workers and batching come from `models=` (the same in both profiles; tests/test_config.py
+and tests/test_kserve_layout.py keep them equal), and the request limits and the frontend's memory settings from
+the production profile as they are: a pod is production, and its memory limit was computed with them (README,
+"Memory"). KServe's v1/v2 paths reach a model's default version
 only (TorchServe routes no version segment there), so a canary of another version is a second layout with that
 version as the default (`--default cifar10=2.0`), served by the InferenceService's canary revision. Token
 authorization is off (the wrapper sends TorchServe no keys) unless --token-auth asks for it; the model API is
@@ -48,8 +50,9 @@ def addresses(host: str = LOOPBACK) -> dict[str, str]:
     KServe server fronts TorchServe and clients reach 8085 themselves."""
     return {"inference_address": f"http://{host}:8085", "management_address": f"http://{host}:8085",
             "metrics_address": "http://0.0.0.0:8082"}
-# Copied from the source profile as they are: limits and metrics behave the same in and out of the cluster.
-KEPT = ("max_request_size", "metrics_mode", "default_workers_per_model", "allowed_urls")
+# Copied from the source profile as they are: limits, memory and metrics behave the same in and out of the cluster.
+KEPT = ("max_request_size", "max_response_size", "vmargs", "job_queue_size", "number_of_netty_threads",
+        "metrics_mode", "default_workers_per_model", "allowed_urls")
 
 
 def snapshot(models: dict, defaults: dict[str, str] | None = None) -> dict:
@@ -94,7 +97,7 @@ def selected(models: dict, only: list[str] | None) -> dict:
     return {name: versions for name, versions in models.items() if not only or name in only}
 
 
-def build(out: Path, token_auth: bool = False, source: Path = PROFILES["default"],
+def build(out: Path, token_auth: bool = False, source: Path = PROFILES["prod"],
           defaults: dict[str, str] | None = None, only: list[str] | None = None, host: str = LOOPBACK) -> Path:
     """Write the layout into `out` (replacing it) and check every archive against its sha256; `only` keeps
     some models, `defaults` moves a model's default version."""

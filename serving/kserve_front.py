@@ -10,6 +10,12 @@ Retry-After, so KServe's server answers `{"detail": "<the handler's message>"}` 
 (TorchServe's own 500, a connection failure) stays what KServe makes of it. Then the wrapper's `__main__` runs
 as the image's entrypoint runs it.
 
+It also ends the container when TorchServe's java dies. `torchserve --start` leaves java running on its own, so
+in the stock image a java that exits (on a heap OutOfMemoryError, which config.prod.properties' vmargs turn into
+an exit) leaves KServe's server up, answering every request with a 500 until someone deletes the pod. Here a
+thread watches the pid the launcher recorded and exits the process with status 1 once java is gone, so the
+kubelet restarts the container with a whole server.
+
     python kserve_front.py    (deploy/docker/kserve-entrypoint.sh; KSERVE_WRAPPER_DIR: the image's wrapper)
 
 It runs in the image's interpreter (Python 3.9, kserve 0.13) and imports nothing from this project.
@@ -19,6 +25,9 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Awaitable
 
@@ -27,6 +36,8 @@ from httpx import HTTPStatusError
 
 WRAPPER_DIR = Path(os.environ.get("KSERVE_WRAPPER_DIR", "/home/model-server/kserve_wrapper"))
 PASSED_ON = {400, 404, 413, 415, 422, 429, 501, 503}  # what the handler and TorchServe say about a request
+# Where `torchserve --start` records java's pid (ts/model_server.py, TorchServe 0.9 and 0.12 alike).
+PID_FILE = Path(tempfile.gettempdir()) / ".model_server.pid"
 
 
 def client_error(error: HTTPStatusError) -> HTTPException | None:
@@ -68,7 +79,30 @@ def keeping_statuses(model_class: type) -> type:
     return TorchserveModel
 
 
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie has exited: java's parent, this process once java was reparented to the
+    container's first process, has not reaped it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def exit_when_java_dies(pid: int, every: float = 1.0) -> None:
+    while alive(pid):
+        time.sleep(every)
+    print(f"TorchServe's java (pid {pid}) has exited: ending the container so that it is restarted",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def main() -> None:
+    try:
+        java = int(PID_FILE.read_text().strip())
+    except (OSError, ValueError):
+        sys.exit(f"TorchServe is not running ({PID_FILE} names no pid): the entrypoint starts it first")
+    threading.Thread(target=exit_when_java_dies, args=(java,), daemon=True, name="java-watch").start()
     # What `python kserve_wrapper/__main__.py` gives its imports: the wrapper's folder first, and not this file's
     # (beside this project's serving/kserve.py, `import kserve` would find the wrong module).
     sys.path[0] = str(WRAPPER_DIR)

@@ -4,6 +4,7 @@ webhook enforces), every InferenceService names this project's runtime and a lay
 runtime runs what the suite runs (serving/kserve_pod.py), and the images call the commands the suite runs."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -148,3 +149,49 @@ def test_the_image_runs_and_checks_what_the_suite_runs():
     for source in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), re.MULTILINE):
         for part in shlex.split(source):
             assert (ROOT / part).exists() or part.startswith("build/"), part
+
+
+# Measured peaks (README, "Memory"; 2-core AMD EPYC with AVX512-BF16, 2026-12-01): a worker's high-water mark
+# under the worst batch the pixel budgets admit (695-719 MiB); java's bound, its heap and direct memory (as
+# much again unless capped) plus what it needs beyond both (code, metaspace, threads: 155 MiB measured); KServe's
+# server in the runtime pod under 16-way v1 load (211 MiB); 15% on top of their sum.
+WORKER_PEAK_MIB, JAVA_OVERHEAD_MIB, KSERVE_PEAK_MIB, MARGIN = 720, 160, 220, 1.15
+CUDA_HOST_MIB = 400  # per GPU worker: CUDA's host-side libraries and context, an allowance no GPU here measured
+MIB = {"Mi": 1, "Gi": 1024}
+
+
+def served_models(manifest: dict) -> list[str]:
+    """The models of the layout a manifest serves (`make kserve`'s --model flags for its storageUri; the
+    runtime's default, with no storageUri, is the all-models layout baked into its image)."""
+    uri = manifest["spec"]["predictor"]["model"]["storageUri"] if manifest["kind"] == "InferenceService" else ""
+    layout = uri.rstrip("/").rsplit("/", 1)[-1] or "kserve"
+    plan = subprocess.run(["make", "-n", "kserve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    [line] = [line for line in plan.splitlines() if f"--out build/{layout} " in line + " "]
+    return re.findall(r"--model (\S+)", line)
+
+
+@pytest.mark.parametrize("path", SERVICES + [RUNTIME], ids=lambda p: p.name)
+def test_memory_limits_hold_the_measured_peaks_of_what_the_pod_runs(path):
+    """Requests equal limits (Guaranteed QoS: the pod is the last one evicted), and the limit holds every
+    worker's peak, java's bound (its config's heap and direct caps plus what it needs beyond them), KServe's
+    server and the margin: adding a worker or raising the heap without raising the limit fails here."""
+    from serving.server import PROFILES, read_properties
+    from tests import jvm
+
+    manifest = yaml.safe_load(path.read_text())
+    resources = (manifest["spec"]["predictor"]["model"]["resources"] if manifest["kind"] == "InferenceService"
+                 else manifest["spec"]["containers"][0]["resources"])
+    assert resources["requests"] == resources["limits"]
+    limit = resources["limits"]["memory"]
+    limit_mib = int(limit[:-2]) * MIB[limit[-2:]]
+    prod = read_properties(PROFILES["prod"])
+    models = json.loads(prod["models"])
+    only = served_models(manifest)
+    workers = sum(settings["minWorkers"] for name, versions in models.items() if not only or name in only
+                  for settings in versions.values())
+    bounds = jvm.asked(prod["vmargs"])
+    java = (bounds["MaxHeapSize"] + (bounds["MaxDirectMemorySize"] or bounds["MaxHeapSize"])) / 2**20 \
+        + JAVA_OVERHEAD_MIB
+    gpu = "nvidia.com/gpu" in resources["limits"]
+    needed = (workers * (WORKER_PEAK_MIB + (CUDA_HOST_MIB if gpu else 0)) + java + KSERVE_PEAK_MIB) * MARGIN
+    assert limit_mib >= needed, f"{path.name}: {workers} workers need {needed:.0f} MiB, the limit is {limit}"

@@ -36,7 +36,10 @@ def test_kserve_runtime_settings(layout):
     assert config["model_store"] == "/mnt/models/model-store"
     assert config["disable_token_authorization"] == "true" and config["enable_model_api"] == "false"
     assert config["grpc_inference_address"] == config["grpc_management_address"] == "127.0.0.1"
-    assert config["allowed_urls"] == read_properties(PROFILES["default"])["allowed_urls"]
+    prod = read_properties(PROFILES["prod"])
+    for key in kserve.KEPT:  # a pod is production: its limits and memory settings are the prod profile's
+        assert config[key] == prod[key], key
+    assert int(config["max_request_size"]) <= 2**20 and "-Xmx" in config["vmargs"]
 
 
 def test_every_archive_is_there_and_matches_its_sha256(layout):

@@ -24,3 +24,25 @@ def test_memory_report_judges_growth_once_warm_and_the_servers_peak_by_sample():
     assert java["first_mib"] == 200.0 and java["warm_samples"] == 16
     assert report["processes"]["w:1"]["last_mib"] == 500.0
     assert report["server_peak_mib"] == 800.0
+
+
+def test_high_water_marks_are_the_kernels_and_bound_the_samples():
+    import os
+
+    rss = soak.rss_of({"me": os.getpid()})["me"]  # first: the high-water mark is never below an earlier RSS
+    mine = soak.high_water_mib({"me": os.getpid(), "gone": 2**22 + 12345})
+    assert set(mine) == {"me"} and mine["me"] >= rss
+    report = soak.memory_report([(0.0, {"a": 10.0}), (60.0, {"a": 12.0})], warm_after=0, high_water={"a": 20.0})
+    assert report["processes"]["a"]["high_water_mib"] == 20.0 and report["high_water_sum_mib"] == 20.0
+
+
+def test_the_floods_bodies_are_the_size_asked_and_decode():
+    import io
+
+    from PIL import Image
+
+    from benchmarks.flood import noise_png
+
+    body = noise_png(1.0)
+    assert abs(len(body) - 2**20) < 0.02 * 2**20  # noise does not compress: 3 bytes a pixel, plus PNG's framing
+    assert Image.open(io.BytesIO(body)).convert("RGB").size[0] == 1024

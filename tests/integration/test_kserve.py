@@ -47,6 +47,18 @@ def cluster(request, tmp_path_factory, layout):
         server.stop()
 
 
+def test_java_runs_with_the_layouts_memory_bounds(cluster, layout):
+    """The bound the pod's memory limit was computed with (README, "Memory") is the one the running JVM holds:
+    the heap cap of the layout's vmargs (direct memory follows it) and ExitOnOutOfMemoryError, read from the
+    process."""
+    from serving.server import read_properties
+    from tests import jvm
+
+    asked = jvm.asked(read_properties(layout / "config" / "config.properties")["vmargs"])
+    assert asked["MaxHeapSize"] and asked["ExitOnOutOfMemoryError"]
+    assert jvm.running(cluster.pid()) == asked
+
+
 def v1(images: list[bytes]) -> dict:
     return {"instances": [{"b64": b64(i)} for i in images]}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import requests
 
 from serving import kserve, kserve_pod
 from serving.catalog import ROOT
-from serving.server import free_ports, port_is_free
+from serving.server import free_ports, port_is_free, read_properties
+from tests import jvm
 from tests.conftest import require
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
@@ -361,3 +363,26 @@ def test_grpc_v2_through_kserves_server(pod, tmp_path):
     garbage = grpc_infer(pod, "cifar10", b"not an image", tmp_path)
     assert garbage["code"] != "OK", garbage
     assert grpc_infer(pod, "cifar10", HORSE, tmp_path)["top1"] == "horse"  # and the pod serves on
+
+
+@pytest.mark.parametrize("pod", ["v1"], indirect=True)
+def test_java_runs_with_the_layouts_memory_bounds(pod):
+    """Both images' launchers (TorchServe 0.9 and 0.12) start java with the layout's vmargs: the heap cap
+    the manifests' memory limits were computed with (README, "Memory")."""
+    asked = jvm.asked(read_properties(pod.mnt / "models" / "config" / "config.properties")["vmargs"])
+    assert asked["MaxHeapSize"] and asked["ExitOnOutOfMemoryError"]
+    assert jvm.command_line(pod.torchserve.pid()) == asked
+
+
+@pytest.mark.parametrize("pod", ["v1"], indirect=True)
+def test_when_java_dies_this_projects_pod_ends_and_the_stock_one_answers_500(pod):
+    """java exits on a heap OutOfMemoryError (vmargs). In this project's runtime KServe's server then exits 1
+    (serving/kserve_front.py), so the kubelet restarts the container; the stock images' server stays up and
+    answers 500 to everything. Kills java: the last test on its pod (pytest keeps file order within a pod)."""
+    os.kill(pod.torchserve.pid(), signal.SIGKILL)
+    if pod.front == "project":
+        assert pod.wrapper.wait(timeout=30) == 1, pod.log_tail()
+        assert "has exited: ending the container" in pod.log_tail()
+    else:
+        status, _ = predict(pod, "cifar10", [CAT])
+        assert status == 500 and pod.wrapper.poll() is None, pod.log_tail()
