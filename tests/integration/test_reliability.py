@@ -17,6 +17,7 @@ from benchmarks import soak
 from serving.catalog import ROOT
 from serving.server import TorchServe
 from tests.bad_inputs import CASES
+from tests.conftest import require
 from tests.integration.conftest import describe
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
@@ -97,8 +98,7 @@ def non_loopback_addresses() -> list[str]:
 
 def test_default_profile_is_reachable_on_loopback_only(served):
     addresses = non_loopback_addresses()
-    if not addresses:
-        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    require(bool(addresses), "this machine has no non-loopback IPv4 address to try")
     ports = [port for _, port in served.ports()]
     for address in addresses:
         for port in ports:
