@@ -97,11 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--megapixels", type=float, default=None, help="smooth PNGs of this many pixels instead")
     args = p.parse_args(argv)
     body = smooth_png(args.megapixels) if args.megapixels else noise_png(args.mib)
-    limit = int(dict(read_properties(args.config), **dict(i.split("=", 1) for i in args.set)).get(
-        "max_request_size", 6553500))
+    overrides = dict(item.split("=", 1) for item in args.set)
+    limit = int({**read_properties(args.config), **overrides}.get("max_request_size", 6553500))
     print(f"{len(body):,}-byte PNG bodies; the config's max_request_size is {limit:,} bytes")
     with tempfile.TemporaryDirectory(prefix="flood-") as scratch:
-        overrides = dict(item.split("=", 1) for item in args.set)
         server = TorchServe.on_free_ports(args.config, args.run_dir or Path(scratch), args.model_store, overrides)
         server.start(timeout=300)
         try:

@@ -88,6 +88,7 @@ def free_ports(count: int) -> list[int]:
 
 
 TLS_FILES = ("certificate_file", "private_key_file")
+JAVA_MAIN = "org.pytorch.serve.ModelServer"  # the class on TorchServe's java command line
 
 
 def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | None = None,
@@ -230,6 +231,8 @@ class TorchServe:
         self.tmp_dir = self.run_dir / "tmp"
         self.logs = LogReader([self.log_dir / "ts.out", self.log_dir / "ts_log.log", self.log_dir / "model_log.log"])
         self.orphans_killed = 0
+        # TorchServe's worker socket for this TMPDIR, the one form `owns` accepts for a worker
+        self.worker_socket = re.compile(re.escape(str(self.tmp_dir)) + r"/\.ts\.sock\.\d+")
 
     @classmethod
     def on_free_ports(cls, profile_config: Path, run_dir: Path, model_store: Path,
@@ -304,7 +307,7 @@ class TorchServe:
             alive = process.status() != psutil.STATUS_ZOMBIE
         except (OSError, ValueError, psutil.Error):
             return None
-        ours = "org.pytorch.serve.ModelServer" in cmdline and f"-Djava.io.tmpdir={self.tmp_dir}" in cmdline
+        ours = self.is_our_java(cmdline)
         return pid if alive and ours and created <= written + 1.0 else None
 
     def declared_models(self) -> dict[str, dict[str, dict]]:
@@ -526,15 +529,18 @@ class TorchServe:
         was handed to init). A command line that merely contains the path (an editor, `tail`, `logs/tmp2`) is
         not ours."""
         argv = process.cmdline()
-        if "org.pytorch.serve.ModelServer" in argv:
-            return f"-Djava.io.tmpdir={self.tmp_dir}" in argv
-        socket_form = re.compile(re.escape(str(self.tmp_dir)) + r"/\.ts\.sock\.\d+")
+        if JAVA_MAIN in argv:
+            return self.is_our_java(argv)
         worker = (any(a.endswith("ts/model_service_worker.py") for a in argv) and "--sock-name" in argv[:-1]
-                  and socket_form.fullmatch(argv[argv.index("--sock-name") + 1]) is not None)
+                  and self.worker_socket.fullmatch(argv[argv.index("--sock-name") + 1]) is not None)
         if not worker:
             return False
         parent = process.parent()
-        return parent is None or "org.pytorch.serve.ModelServer" not in parent.cmdline() or self.owns(parent)
+        return parent is None or JAVA_MAIN not in parent.cmdline() or self.owns(parent)
+
+    def is_our_java(self, argv: list[str]) -> bool:
+        """TorchServe's java with exactly this server's TMPDIR (a java of `logs/tmp2` is not ours)."""
+        return JAVA_MAIN in argv and f"-Djava.io.tmpdir={self.tmp_dir}" in argv
 
     def kill_orphans(self) -> int:
         """SIGKILL what outlived java and is provably ours (`owns`): its workers, and a java whose pid file went

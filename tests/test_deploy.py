@@ -4,6 +4,7 @@ webhook enforces), every InferenceService names this project's runtime and a lay
 runtime runs what the suite runs (serving/kserve_pod.py), and the images call the commands the suite runs."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -126,10 +127,16 @@ def test_every_service_names_the_runtime_whose_stack_the_suite_runs():
     assert "torchserve==0.12.0" in stack and "torch==2.4.0" in stack and "kserve[storage]==0.13.0" in stack
 
 
+@functools.cache
+def kserve_plan() -> str:
+    """The commands `make kserve` runs (one per layout it writes)."""
+    return subprocess.run(["make", "-n", "kserve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
 @pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
 def test_storage_uri_names_a_layout_make_kserve_writes(path):
     uri = yaml.safe_load(path.read_text())["spec"]["predictor"]["model"]["storageUri"]
-    plan = subprocess.run(["make", "-n", "kserve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    plan = kserve_plan()
     assert f"--out build/{uri.rstrip('/').rsplit('/', 1)[-1]} " in plan, (uri, plan)
 
 
@@ -165,8 +172,7 @@ def served_models(manifest: dict) -> list[str]:
     runtime's default, with no storageUri, is the all-models layout baked into its image)."""
     uri = manifest["spec"]["predictor"]["model"]["storageUri"] if manifest["kind"] == "InferenceService" else ""
     layout = uri.rstrip("/").rsplit("/", 1)[-1] or "kserve"
-    plan = subprocess.run(["make", "-n", "kserve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    [line] = [line for line in plan.splitlines() if f"--out build/{layout} " in line + " "]
+    [line] = [line for line in kserve_plan().splitlines() if f"--out build/{layout} " in line + " "]
     return re.findall(r"--model (\S+)", line)
 
 
