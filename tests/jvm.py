@@ -17,15 +17,19 @@ def size_bytes(text: str) -> int:
 
 def asked(vmargs: str) -> dict[str, int | bool]:
     """The bounds a `vmargs` line sets, in the names `jcmd VM.flags` reports them under (MaxDirectMemorySize 0:
-    not set, so the JVM allows as much direct memory as heap; ExitOnOutOfMemoryError False: not set)."""
-    bounds: dict[str, int | bool] = {"MaxDirectMemorySize": 0, "ExitOnOutOfMemoryError": False}
+    not set, so the JVM allows as much direct memory as heap; ExitOnOutOfMemoryError, AlwaysPreTouch False: not
+    set; InitialHeapSize absent: not set, the JVM picks it from the machine)."""
+    bounds: dict[str, int | bool] = {"MaxDirectMemorySize": 0, "ExitOnOutOfMemoryError": False,
+                                     "AlwaysPreTouch": False}
     for arg in vmargs.split():
         if arg.startswith("-Xmx"):
             bounds["MaxHeapSize"] = size_bytes(arg[4:])
+        elif arg.startswith("-Xms"):
+            bounds["InitialHeapSize"] = size_bytes(arg[4:])
         elif arg.startswith("-XX:MaxDirectMemorySize="):
             bounds["MaxDirectMemorySize"] = size_bytes(arg.split("=", 1)[1])
-        elif arg == "-XX:+ExitOnOutOfMemoryError":
-            bounds["ExitOnOutOfMemoryError"] = True
+        elif arg in ("-XX:+ExitOnOutOfMemoryError", "-XX:+AlwaysPreTouch"):
+            bounds[arg[5:]] = True
     return bounds
 
 
@@ -37,9 +41,10 @@ def running(pid: int) -> dict[str, int | bool]:
                          check=True).stdout
     flags = {name: value if value else sign == "+"
              for sign, name, value in re.findall(r"-XX:([+-]?)(\w+)(?:=(\S+))?", out)}
-    return {"MaxHeapSize": int(flags["MaxHeapSize"]),
+    return {"MaxHeapSize": int(flags["MaxHeapSize"]), "InitialHeapSize": int(flags["InitialHeapSize"]),
             "MaxDirectMemorySize": int(flags.get("MaxDirectMemorySize", 0)),
-            "ExitOnOutOfMemoryError": bool(flags.get("ExitOnOutOfMemoryError", False))}
+            "ExitOnOutOfMemoryError": bool(flags.get("ExitOnOutOfMemoryError", False)),
+            "AlwaysPreTouch": bool(flags.get("AlwaysPreTouch", False))}
 
 
 def command_line(pid: int) -> dict[str, int | bool]:

@@ -89,14 +89,16 @@ def test_cors_admits_the_demo_origin_only_and_prod_admits_none(tmp_path):
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_the_frontends_memory_is_bounded_in_every_profile(profile):
-    """java's heap is capped (and with it direct memory, which defaults to the heap's size) and a heap
-    OutOfMemoryError ends java (README, "Memory"); the queue and netty threads the memory arithmetic assumes are
+    """java's heap is capped (and with it direct memory, which defaults to the heap's size), committed from the
+    start, and a heap OutOfMemoryError ends java (README, "Memory"); the queue and netty threads the memory arithmetic assumes are
     set, not TorchServe's defaults (100 per version, one thread per CPU the JVM sees)."""
     from tests import jvm
 
     properties = read_properties(PROFILES[profile])
     bounds = jvm.asked(properties["vmargs"])
     assert bounds["ExitOnOutOfMemoryError"] and 0 < bounds["MaxHeapSize"] <= 384 * 2**20
+    # committed and touched at start: java's resident size is flat from the first minute (README, "Memory")
+    assert bounds["InitialHeapSize"] == bounds["MaxHeapSize"] and bounds["AlwaysPreTouch"]
     assert bounds["MaxDirectMemorySize"] in (0, bounds["MaxHeapSize"])  # a smaller cap timed workers out
     assert int(properties["job_queue_size"]) == 64 and int(properties["number_of_netty_threads"]) == 2
     default, prod = read_properties(PROFILES["default"]), read_properties(PROFILES["prod"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 from pathlib import Path
@@ -152,6 +153,32 @@ def test_mixed_batch_answers_each_request_on_its_own(harness):
 def test_bad_input_is_a_400_that_names_the_problem(harness, row, message):
     status, body = harness("cifar10").one(row)
     assert status == 400 and message in body["message"], body
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_batch_leaves_nothing_for_the_cyclic_gc(harness, version):
+    """Every object a batch creates, refused requests' errors included, is freed by reference counting when the
+    batch ends. A worker's heap is large and long-lived, so Python's full collections are rare: garbage only the
+    cyclic GC frees piled up in the workers for as long as bad requests came (README, "Memory"). The batch holds
+    each way of being refused (empty, undecodable, bad top-k, bad JSON, past the pixel budget) beside two good
+    requests, KServe's v1 and v2 bodies with bad base64, and an explanation of an undecodable image; its first
+    run is a warm-up (Pillow imports its format plugins once)."""
+    h = harness(version)
+    rows = [{"body": b""}, {"body": b"\x89PNG\r\n\x1a\nbroken"}, {"body": PNG}, {"body": {"data": "!!"}},
+            {"body": PNG}, {"body": images.encode(images.noise(5000, 5000))}, {"body": {"instances": [{"b64": "@"}]}},
+            {"body": {"inputs": [{"datatype": "BYTES", "data": ["@@@"]}]}}, {"body": b"\x89PNG\r\n\x1a\nbroken"},
+            {"body": PNG}]
+    headers = [{}, {}, {"X-TopK": "0"}, {}, {}, {}, {}, {}, {}, {}]
+    routes = ["predictions"] * 6 + ["kserve", "kserve", "explanations", "predictions"]
+    statuses = [status for status, _ in h.run(rows, headers, routes)]
+    assert statuses == [400, 400, 400, 400, 200, 413, 400, 400, 400, 200], statuses
+    gc.collect()
+    gc.disable()
+    try:
+        h.run(rows, headers, routes)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_limits_answer_413(harness):
