@@ -90,8 +90,8 @@ def test_cors_admits_the_demo_origin_only_and_prod_admits_none(tmp_path):
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_the_frontends_memory_is_bounded_in_every_profile(profile):
     """java's heap is capped (and with it direct memory, which defaults to the heap's size), committed from the
-    start, and a heap OutOfMemoryError ends java (README, "Memory"); the queue and netty threads the memory arithmetic assumes are
-    set, not TorchServe's defaults (100 per version, one thread per CPU the JVM sees)."""
+    start, and a heap OutOfMemoryError ends java (README, "Memory"); the queue and netty threads the memory
+    arithmetic assumes are set, not TorchServe's defaults (100 per version, one thread per CPU the JVM sees)."""
     from tests import jvm
 
     properties = read_properties(PROFILES[profile])
