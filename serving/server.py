@@ -93,19 +93,22 @@ JAVA_MAIN = "org.pytorch.serve.ModelServer"  # the class on TorchServe's java co
 
 def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | None = None,
                  overrides: dict[str, str] | None = None) -> Path:
-    """The config TorchServe is started with: `source` with the model store replaced, TLS file paths made
-    absolute (they are relative to the source's folder; java runs in the run folder), and optionally every port
-    moved (the scheme kept) and some keys overridden."""
+    """The config TorchServe is started with: `source` with some keys overridden, the model store replaced, TLS
+    file paths made absolute (they are relative to the source's folder; java runs in the run folder), and
+    optionally every port moved. A moved address keeps its scheme and host, so a server on free ports binds
+    where its profile binds (a test of what the profile exposes sees what the profile exposes)."""
     lines, overrides = [], dict(overrides or {})
     for line in source.read_text().splitlines():
         key, _, value = (part.strip() for part in line.partition("="))
+        if key in overrides:
+            value = overrides.pop(key)
+            line = f"{key}={value}"
         if ports and key in ports:
-            scheme = urlparse(value).scheme or "http"
-            line = f"{key}={scheme}://127.0.0.1:{ports[key]}" if key.endswith("_address") else f"{key}={ports[key]}"
+            address = urlparse(value)
+            line = (f"{key}={address.scheme or 'http'}://{address.hostname or '127.0.0.1'}:{ports[key]}"
+                    if key.endswith("_address") else f"{key}={ports[key]}")
         elif key == "model_store":
             line = f"model_store={store}"
-        elif key in overrides:
-            line = f"{key}={overrides.pop(key)}"
         elif key in TLS_FILES and not Path(value).is_absolute():
             line = f"{key}={(source.parent / value).resolve()}"
         lines.append(line)

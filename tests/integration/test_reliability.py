@@ -2,12 +2,15 @@
 and the network and URL promises of SECURITY.md."""
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import psutil
 import pytest
@@ -96,16 +99,57 @@ def non_loopback_addresses() -> list[str]:
             if a.family == socket.AF_INET and not a.address.startswith("127.")]
 
 
-def test_default_profile_is_reachable_on_loopback_only(served):
-    addresses = non_loopback_addresses()
-    require(bool(addresses), "this machine has no non-loopback IPv4 address to try")
-    ports = [port for _, port in served.ports()]
-    for address in addresses:
-        for port in ports:
+def listening(server: TorchServe) -> set[tuple[str, int]]:
+    """(address, port) of every socket java listens on, from the kernel: what the server binds, whatever its
+    config was meant to say (java listens on IPv6 sockets: 127.0.0.1 shows as ::ffff:127.0.0.1, 0.0.0.0 as ::)."""
+    def ip(text: str) -> str:
+        address = ipaddress.ip_address(text)
+        return str(getattr(address, "ipv4_mapped", None) or address)
+
+    return {(ip(c.laddr.ip), c.laddr.port) for c in psutil.Process(server.pid()).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def reachable_from_elsewhere(server: TorchServe) -> list[str]:
+    """The sockets of `server` another machine could reach: bound to anything but loopback, or accepting a
+    connection on one of this machine's other addresses."""
+    bound = listening(server)
+    exposed = [f"{ip}:{port} (bound)" for ip, port in sorted(bound) if not ipaddress.ip_address(ip).is_loopback]
+    for address in non_loopback_addresses():
+        for _, port in sorted(bound):
             with socket.socket() as sock:
                 sock.settimeout(2)
-                assert sock.connect_ex((address, port)) != 0, f"{address}:{port} accepted a connection"
+                if sock.connect_ex((address, port)) == 0:
+                    exposed.append(f"{address}:{port} (accepted)")
+    return exposed
+
+
+def test_default_profile_is_reachable_on_loopback_only(served):
+    """Every socket java listens on (read from the kernel, not from the config) is loopback: REST 8080-8082 and
+    gRPC 7070-7071 moved to free ports, their hosts as config.properties says them (serving/server.py keeps
+    them), and no other address of this machine accepts a connection on any of them."""
+    require(bool(non_loopback_addresses()), "this machine has no non-loopback IPv4 address to try")
+    assert len(listening(served)) == 5, listening(served)
+    assert reachable_from_elsewhere(served) == []
     assert requests.get(f"{served.url('inference')}/ping", timeout=10).status_code == 200
+
+
+def test_the_loopback_check_sees_an_exposed_address(tmp_path, model_store):
+    """The check above can fail: the same profile with its metrics and gRPC inference addresses on 0.0.0.0 (one
+    version, for speed) is reported on both."""
+    require(bool(non_loopback_addresses()), "this machine has no non-loopback IPv4 address to try")
+    models = {"mnist": {"1.0": {"defaultVersion": True, "marName": "mnist.mar", "minWorkers": 1, "maxWorkers": 1}}}
+    overrides = {"metrics_address": "http://0.0.0.0:8082", "grpc_inference_address": "0.0.0.0",
+                 "load_models": "mnist.mar", "models": json.dumps(models)}
+    server = TorchServe.on_free_ports(ROOT / "config.properties", tmp_path / "run", model_store, overrides)
+    server.start(timeout=240)
+    try:
+        exposed = reachable_from_elsewhere(server)
+        for port in (urlparse(server.url("metrics")).port, int(server.properties["grpc_inference_port"])):
+            assert any(entry.endswith(f":{port} (bound)") for entry in exposed), exposed
+        assert len(exposed) == 2 * (1 + len(non_loopback_addresses())), exposed
+    finally:
+        server.stop()
 
 
 class Load:
