@@ -3,9 +3,11 @@ scaling, metrics, the production profile and the client CLI."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -255,6 +257,92 @@ def test_production_profile_requires_tokens_and_refuses_the_model_api(served_pro
     assert register.status_code == 405
     too_big = requests.put(url, data=b"\0" * (2 * 1024 * 1024), headers=auth, **tls)
     assert too_big.status_code == 413
+
+
+B64_CAT = base64.b64encode(CAT).decode()
+V2_BODY = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [B64_CAT]}]}
+# Every route TorchServe 0.12 serves on the prod profile's inference and management ports, KServe's included, with
+# what a keyed call answers (the management routes that change state go last, on a version nothing else uses).
+PROD_ROUTES = [
+    ("inference", "GET", "/ping", {}, 200),
+    ("inference", "PUT", "/predictions/cifar10", {"data": CAT}, 200),
+    ("inference", "PUT", "/predictions/cifar10/2.0", {"data": CAT}, 200),
+    ("inference", "PUT", "/explanations/mnist", {"data": DIGIT}, 200),
+    ("inference", "POST", "/v1/models/cifar10:predict", {"json": {"instances": [{"b64": B64_CAT}]}}, 200),
+    ("inference", "POST", "/v1/models/mnist:explain",
+     {"json": {"instances": [{"b64": base64.b64encode(DIGIT).decode()}]}}, 200),
+    ("inference", "POST", "/v2/models/cifar10/infer", {"json": V2_BODY}, 200),
+    ("inference", "GET", "/v2/health/live", {}, 404),  # no such route: the key is checked before the route
+    ("management", "GET", "/models", {}, 200),
+    ("management", "GET", "/models/cifar10", {}, 200),
+    ("management", "GET", "/models/cifar10/all", {}, 200),
+    ("management", "GET", "/models/cifar10/1.0?customized=true", {}, 200),
+    ("management", "POST", "/models?url=mnist.mar&model_name=intruder", {}, 405),  # model API off
+    ("management", "PUT", "/models/mnist/1.0?min_worker=1&synchronous=true", {}, 200),
+    ("management", "PUT", "/models/mnist/1.0/set-default", {}, 200),
+    ("management", "DELETE", "/models/intruder/1.0", {}, 405),
+    ("management", "POST", "/token?type=inference", {}, 400),  # needs the API key, not the management key
+]
+
+
+def test_production_refuses_every_route_without_its_key(served_prod):
+    """Without a key, or with a wrong one, every route of the inference and management APIs answers 400
+    InvalidKeyException (TorchServe's answer; not 401) and does nothing; with its key each answers as it should.
+    Not keyed by TorchServe, and said so in SECURITY.md: `/api-description` (the OpenAPI text every TorchServe
+    serves) and `/metrics` (its own port)."""
+    tls = {"verify": served_prod.verify, "timeout": 60}
+    before = {d["modelVersion"]: len(d["workers"]) for d in served_prod.describe("mnist")}
+    for api, method, path, kwargs, _ in PROD_ROUTES:
+        url = served_prod.url(api) + path
+        for headers in ({}, {"Authorization": "Bearer not-the-key"}, {"Authorization": "not-a-bearer-header"}):
+            refused = requests.request(method, url, headers=headers, **kwargs, **tls)
+            assert refused.status_code == 400 and refused.json()["type"] == "InvalidKeyException", \
+                (method, path, headers, refused.status_code, refused.text[:200])
+        other_key = served_prod.token("management" if api == "inference" else "inference")
+        crossed = requests.request(method, url, headers={"Authorization": f"Bearer {other_key}"}, **kwargs, **tls)
+        assert crossed.status_code == 400, (method, path, "the other API's key", crossed.status_code)
+    assert {d["modelVersion"]: len(d["workers"]) for d in served_prod.describe("mnist")} == before
+    for api, method, path, kwargs, keyed_status in PROD_ROUTES:
+        keyed = requests.request(method, served_prod.url(api) + path, **kwargs, **tls,
+                                 headers={"Authorization": f"Bearer {served_prod.token(api)}"})
+        assert keyed.status_code == keyed_status, (method, path, keyed.status_code, keyed.text[:200])
+    assert requests.get(f"{served_prod.url('inference')}/api-description", **tls).status_code == 200
+    assert requests.get(f"{served_prod.url('metrics')}/metrics", **tls).status_code == 200
+
+
+def test_production_grpc_speaks_tls_and_needs_the_keys(served_prod, stubs):
+    """gRPC in prod: TLS with the configured certificate (a plaintext channel gets nowhere), and without the
+    key (or with the other API's) every call is refused PERMISSION_DENIED (TorchServe's code); with it, it
+    is answered."""
+    import grpc
+
+    trust = grpc.ssl_channel_credentials(root_certificates=Path(served_prod.verify).read_bytes())
+    ports = {api: served_prod.properties[f"grpc_{api}_port"] for api in ("inference", "management")}
+    request = stubs.inference_pb2.PredictionsRequest(model_name="cifar10", input={"data": CAT})
+    with grpc.insecure_channel(f"127.0.0.1:{ports['inference']}") as plain:
+        with pytest.raises(grpc.RpcError) as refused:
+            stubs.inference_pb2_grpc.InferenceAPIsServiceStub(plain).Predictions(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.secure_channel(f"127.0.0.1:{ports['inference']}", trust) as channel, \
+            grpc.secure_channel(f"127.0.0.1:{ports['management']}", trust) as manage_channel:
+        inference = stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        management = stubs.management_pb2_grpc.ManagementAPIsServiceStub(manage_channel)
+        describe_request = stubs.management_pb2.DescribeModelRequest(model_name="cifar10")
+        for metadata in ((), (("authorization", "Bearer not-the-key"),),
+                         (("authorization", f"Bearer {served_prod.token('management')}"),)):
+            with pytest.raises(grpc.RpcError) as refused:
+                inference.Predictions(request, metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (metadata, refused.value)
+        for metadata in ((), (("authorization", f"Bearer {served_prod.token('inference')}"),)):
+            with pytest.raises(grpc.RpcError) as refused:
+                management.DescribeModel(describe_request, metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (metadata, refused.value)
+        answer = inference.Predictions(request, timeout=30,
+                                       metadata=(("authorization", f"Bearer {served_prod.token('inference')}"),))
+        assert next(iter(json.loads(answer.prediction))) == "cat"
+        described = management.DescribeModel(describe_request, timeout=30,
+                                             metadata=(("authorization", f"Bearer {served_prod.token('management')}"),))
+        assert json.loads(described.msg)[0]["modelName"] == "cifar10"
 
 
 def test_production_profile_speaks_tls_only(served_prod):
