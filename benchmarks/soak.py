@@ -30,6 +30,9 @@ from urllib.parse import urlparse
 import psutil
 import requests
 
+from client.api import DEFAULT_MANAGEMENT_URL
+from client.transport import base_url, session
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -108,9 +111,10 @@ def server_processes(inference_url: str, management_url: str) -> dict[str, int]:
     java = java_pid(inference_url)
     if java is not None:
         found["java"] = java
-    models = requests.get(f"{management_url}/models", timeout=10).json()["models"]
+    management, http = base_url(management_url), session()
+    models = http.get(f"{management}/models", timeout=10).json()["models"]
     for model in models:
-        for version in requests.get(f"{management_url}/models/{model['modelName']}/all", timeout=10).json():
+        for version in http.get(f"{management}/models/{model['modelName']}/all", timeout=10).json():
             for w in version["workers"]:
                 if str(w.get("pid", "")).isdigit():
                     found[f"{model['modelName']}/{version['modelVersion']}:{w['pid']}"] = int(w["pid"])
@@ -227,7 +231,8 @@ def soak(inference_url: str, management_url: str, duration: float, connections: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inference-url", default="http://127.0.0.1:8080")
-    p.add_argument("--management-url", default="http://127.0.0.1:8081")
+    p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL,
+                   help="http(s)://host:port, or unix:PATH (default: make serve's socket, logs/management.sock)")
     p.add_argument("--duration", type=float, default=180.0)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--window", type=float, default=60.0, help="seconds per p50/p99 line")

@@ -21,14 +21,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from client.api import ServerError, TorchServeClient, numerics_choice
+from client.api import DEFAULT_MANAGEMENT_URL, ServerError, TorchServeClient, numerics_choice
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inference-url", default="http://127.0.0.1:8080")
-    p.add_argument("--management-url", default="http://127.0.0.1:8081")
+    p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL,
+                   help="http(s)://host:port, or unix:PATH for a Unix socket (default: make serve's, "
+                        "logs/management.sock)")
     p.add_argument("--metrics-url", default="http://127.0.0.1:8082", help="where unregister/scale watch a drain")
     p.add_argument("--key-file", type=Path, help="TorchServe's key_file.json, when token authorization is on")
     p.add_argument("--ca-cert", type=Path, help="certificate to trust for https:// URLs (prod: certs/server.crt)")

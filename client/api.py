@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import requests
+from client.transport import base_url, session, unix_url
 
+# Where `make serve` (config.properties) puts the management API: a Unix socket in this repository's logs/.
+DEFAULT_MANAGEMENT_URL = unix_url(Path(__file__).resolve().parents[1] / "logs" / "management.sock")
 
 class ServerError(RuntimeError):
     """A non-2xx answer, with TorchServe's (or the handler's) JSON message."""
@@ -35,15 +37,15 @@ def _version_key(version: str) -> tuple:
 
 
 class TorchServeClient:
-    def __init__(self, inference_url: str = "http://127.0.0.1:8080", management_url: str = "http://127.0.0.1:8081",
+    def __init__(self, inference_url: str = "http://127.0.0.1:8080", management_url: str = DEFAULT_MANAGEMENT_URL,
                  inference_token: str | None = None, management_token: str | None = None,
                  timeout: float = 60.0, metrics_url: str = "http://127.0.0.1:8082",
                  ca_cert: str | Path | None = None) -> None:
         self.inference_url = inference_url.rstrip("/")
-        self.management_url = management_url.rstrip("/")
+        self.management_url = base_url(management_url).rstrip("/")
         self.metrics_url = metrics_url.rstrip("/")
         self.timeout = timeout
-        self.session = requests.Session()
+        self.session = session()  # http(s) over TCP, and http+unix for the default profile's management socket
         # The prod profile's self-signed certificate, or your CA's. Passed on every call: a session-wide setting
         # loses to REQUESTS_CA_BUNDLE in the environment.
         self.verify: str | bool = str(ca_cert) if ca_cert else True

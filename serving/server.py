@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 import psutil
 import requests
 
+from client.transport import session, socket_path, unix_url
 from models.checksum import sha256_of
 from serving.catalog import ROOT
 
@@ -88,6 +89,18 @@ def free_ports(count: int) -> list[int]:
 
 
 TLS_FILES = ("certificate_file", "private_key_file")
+UNIX = "unix:"  # an address TorchServe binds as a Unix socket (`management_address=unix:management.sock`)
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with its terminating NUL
+
+
+def unix_socket(path: str, run_dir: Path) -> Path:
+    """Where a `unix:` address's socket goes: a relative path is in the server's run folder (logs/ for `make
+    serve`, so each server has its own). TorchServe needs it absolute, and the kernel limits its length."""
+    socket_file = (run_dir / path).absolute() if not Path(path).is_absolute() else Path(path)
+    if len(str(socket_file).encode()) > SOCKET_PATH_MAX:
+        raise ValueError(f"the socket path {socket_file} is {len(str(socket_file).encode())} bytes; Unix sockets "
+                         f"allow {SOCKET_PATH_MAX}: run from a shorter folder")
+    return socket_file
 JAVA_MAIN = "org.pytorch.serve.ModelServer"  # the class on TorchServe's java command line
 
 
@@ -103,7 +116,9 @@ def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | 
         if key in overrides:
             value = overrides.pop(key)
             line = f"{key}={value}"
-        if ports and key in ports:
+        if value.startswith(UNIX):
+            line = f"{key}={UNIX}{unix_socket(value[len(UNIX):], dest.parent)}"
+        elif ports and key in ports:
             address = urlparse(value)
             line = (f"{key}={address.scheme or 'http'}://{address.hostname or '127.0.0.1'}:{ports[key]}"
                     if key.endswith("_address") else f"{key}={ports[key]}")
@@ -234,6 +249,7 @@ class TorchServe:
         self.tmp_dir = self.run_dir / "tmp"
         self.logs = LogReader([self.log_dir / "ts.out", self.log_dir / "ts_log.log", self.log_dir / "model_log.log"])
         self.orphans_killed = 0
+        self.http = session()  # http(s) and http+unix (the default profile's management API is a Unix socket)
         # TorchServe's worker socket for this TMPDIR, the one form `owns` accepts for a worker
         self.worker_socket = re.compile(re.escape(str(self.tmp_dir)) + r"/\.ts\.sock\.\d+")
 
@@ -254,13 +270,17 @@ class TorchServe:
 
     # --- addresses and auth -------------------------------------------------------------------------------
     def url(self, api: str) -> str:
-        return self.properties.get(f"{api}_address", {"inference": "http://127.0.0.1:8080",
-                                                     "management": "http://127.0.0.1:8081",
-                                                     "metrics": "http://127.0.0.1:8082"}[api])
+        """The API's base URL: http(s)://host:port, or http+unix://<socket> for one on a Unix socket (spoken by
+        `client.transport.session()`, `self.http`)."""
+        address = self.properties.get(f"{api}_address", {"inference": "http://127.0.0.1:8080",
+                                                         "management": "http://127.0.0.1:8081",
+                                                         "metrics": "http://127.0.0.1:8082"}[api])
+        return unix_url(address[len(UNIX):]) if address.startswith(UNIX) else address
 
     def ports(self) -> list[tuple[str, int]]:
+        """(host, port) of every TCP socket the config asks for (an API on a Unix socket has none)."""
         ports = [(urlparse(self.url(api)).hostname, urlparse(self.url(api)).port)
-                 for api in ("inference", "management", "metrics")]
+                 for api in ("inference", "management", "metrics") if socket_path(self.url(api)) is None]
         for api, default in (("inference", 7070), ("management", 7071)):
             host = self.properties.get(f"grpc_{api}_address", "0.0.0.0")
             ports.append((host, int(self.properties.get(f"grpc_{api}_port", default))))
@@ -379,6 +399,7 @@ class TorchServe:
         self.check_store()
         self.check_archives()
         self.check_tls()
+        self.clear_stale_sockets()
         started = time.monotonic()
         for attempt in range(1, PORT_ATTEMPTS + 1):
             retry = self.source_config is not None and attempt < PORT_ATTEMPTS
@@ -400,6 +421,19 @@ class TorchServe:
                 continue
             return time.monotonic() - started
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def clear_stale_sockets(self) -> None:
+        """Remove the Unix socket of an API whose java died without removing it (TorchServe binds none over an
+        existing file); refuse to start if a live server answers on it."""
+        for api in ("inference", "management", "metrics"):
+            path = socket_path(self.url(api))
+            if path is None or not path.exists():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(str(path)) == 0:
+                    raise StartupError(f"another server already listens on {path}; stop it (make stop) or give "
+                                       f"{api}_address another socket in {self.config}")
+            path.unlink()
 
     def launch_env(self) -> dict[str, str]:
         """The environment java starts in: this server's private TMPDIR (pid file, sockets) and log folder, and
@@ -485,8 +519,8 @@ class TorchServe:
         raise StartupError(f"{reason}\n{tail}")
 
     def describe(self, model: str) -> list[dict]:
-        response = requests.get(f"{self.url('management')}/models/{model}/all", headers=self.headers("management"),
-                                timeout=5, verify=self.verify)
+        response = self.http.get(f"{self.url('management')}/models/{model}/all", headers=self.headers("management"),
+                                 timeout=5, verify=self.verify)
         response.raise_for_status()
         return response.json()
 
@@ -623,8 +657,8 @@ def print_status(server: TorchServe) -> None:
         print("TorchServe is not running (make serve starts it)")
         return
     print(f"TorchServe running (java pid {server.pid()}, config {server.config.name})")
-    models = requests.get(f"{server.url('management')}/models", headers=server.headers("management"), timeout=5,
-                          verify=server.verify)
+    models = server.http.get(f"{server.url('management')}/models", headers=server.headers("management"), timeout=5,
+                             verify=server.verify)
     for entry in models.json().get("models", []):
         for version in server.describe(entry["modelName"]):
             workers = ", ".join(f"{w['pid']}:{w['status']}" for w in version.get("workers", [])) or "none"
@@ -687,7 +721,12 @@ def main(argv: list[str] | None = None) -> int:
     print("TorchServe was already running; every model is READY" if already
           else f"TorchServe is up in {seconds:.1f} s; every model has a READY worker")
     print(f"  inference   {inference}/predictions/<model>[/<version>]")
-    print(f"  management  {server.url('management')}/models")
+    management = socket_path(server.url("management"))
+    if management is None:
+        print(f"  management  {server.url('management')}/models")
+    else:
+        shown = management.relative_to(ROOT) if management.is_relative_to(ROOT) else management
+        print(f"  management  Unix socket {shown} (curl --unix-socket {shown} http://localhost/models)")
     print(f"  metrics     {server.url('metrics')}/metrics")
     print(f"  logs        {server.log_dir}/")
     auth = ""

@@ -23,7 +23,8 @@ def available() -> bool:
 class Browser:
     """One chromedriver process and one headless Chromium session; use as a context manager."""
 
-    def __init__(self, width: int = 1000, height: int = 760) -> None:
+    def __init__(self, width: int = 1000, height: int = 760, args: tuple[str, ...] = ()) -> None:
+        """`args`: more Chromium switches (`--host-resolver-rules=...` to give a made-up name an address)."""
         [port] = free_ports(1)
         self.base = f"http://127.0.0.1:{port}"
         self.driver = subprocess.Popen([shutil.which("chromedriver"), f"--port={port}"],
@@ -42,7 +43,7 @@ class Browser:
         capabilities = {"browserName": "chrome", "goog:chromeOptions": {
             "binary": shutil.which("chromium"),
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     f"--window-size={width},{height}"]}}
+                     f"--window-size={width},{height}", *args]}}
         self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": capabilities}})["sessionId"]
 
     def _call(self, method: str, path: str, body: dict | None = None) -> Any:

@@ -27,9 +27,15 @@ def test_models_batching_matches_the_archive_yaml(profile):
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_every_address_is_loopback_and_every_loaded_archive_is_built(profile):
+    """Every TCP address is loopback; the default profile's management API is a Unix socket in the run folder
+    (no browser can reach it: SECURITY.md), prod's is keyed https."""
     properties = read_properties(PROFILES[profile])
-    for key in ("inference_address", "management_address", "metrics_address"):
+    tcp = ("inference_address", "metrics_address") if profile == "default" else \
+        ("inference_address", "management_address", "metrics_address")
+    for key in tcp:
         assert urlparse(properties[key]).hostname == "127.0.0.1", key
+    if profile == "default":
+        assert properties["management_address"] == "unix:management.sock"
     assert properties["grpc_inference_address"] == properties["grpc_management_address"] == "127.0.0.1"
     shipped = {v.archive_name for v in SHIPPED}
     loaded = set(properties["load_models"].split(","))
@@ -46,7 +52,9 @@ def test_profiles_differ_only_where_production_needs_it():
     for key in ("models", "load_models", "metrics_mode", "allowed_urls"):
         assert default[key] == prod[key], key
     for key in ("inference_address", "management_address", "metrics_address"):
-        assert urlparse(default[key]).scheme == "http" and urlparse(prod[key]).scheme == "https", key
+        assert urlparse(prod[key]).scheme == "https", key
+    for key in ("inference_address", "metrics_address"):
+        assert urlparse(default[key]).scheme == "http", key
     assert prod["enable_grpc_ssl"] == "true" and prod["certificate_file"] and prod["private_key_file"]
 
 
@@ -104,3 +112,18 @@ def test_the_frontends_memory_is_bounded_in_every_profile(profile):
     default, prod = read_properties(PROFILES["default"]), read_properties(PROFILES["prod"])
     for key in ("vmargs", "job_queue_size", "number_of_netty_threads"):
         assert default[key] == prod[key], key
+
+
+def test_a_unix_socket_address_goes_to_the_servers_run_folder(tmp_path):
+    """`management_address=unix:management.sock` is written as an absolute path in the run folder of the config
+    being written (logs/ for `make serve`, a test's own folder on free ports), never moved to a TCP port; a path
+    the kernel cannot bind is refused with the reason."""
+    from serving.server import config_on_free_ports
+
+    written = read_properties(config_on_free_ports(PROFILES["default"], tmp_path / "run" / "config.properties",
+                                                   tmp_path / "store"))
+    assert written["management_address"] == f"unix:{tmp_path / 'run' / 'management.sock'}"
+    assert urlparse(written["inference_address"]).hostname == "127.0.0.1"
+    deep = tmp_path / ("d" * 100)
+    with pytest.raises(ValueError, match="Unix sockets allow 107"):
+        config_on_free_ports(PROFILES["default"], deep / "config.properties", tmp_path / "store")

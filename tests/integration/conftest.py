@@ -11,7 +11,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import requests
 from grpc_tools import protoc
 
 from serving import archive
@@ -84,7 +83,7 @@ def predict_url(served):
 
 
 def describe(server: TorchServe, model: str) -> list[dict]:
-    return requests.get(f"{server.url('management')}/models/{model}/all", timeout=10).json()
+    return server.http.get(f"{server.url('management')}/models/{model}/all", timeout=10).json()
 
 
 def served_tolerance(server: TorchServe, model: str, version: str = "1.0") -> float:

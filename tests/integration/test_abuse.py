@@ -124,8 +124,8 @@ def test_explanation_and_describe_requests_never_fail_other_clients(served):
 
 
 def test_the_management_api_describes_the_handler(served):
-    response = requests.get(f"{served.url('management')}/models/cifar10/2.0", params={"customized": "true"},
-                            timeout=30)
+    response = served.http.get(f"{served.url('management')}/models/cifar10/2.0", params={"customized": "true"},
+                               timeout=30)
     assert response.status_code == 200, response.text
     metadata = response.json()[0]["customizedMetadata"]
     assert metadata["version"] == "2.0" and metadata["limits"]["max_request_pixels"] == 12_000_000

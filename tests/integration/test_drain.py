@@ -19,12 +19,12 @@ DIGIT = (ROOT / "examples" / "digit7.png").read_bytes()
 def drainme(served):
     """mnist.mar registered under its own name, so retiring it touches no other test's model."""
     management = served.url("management")
-    response = requests.post(f"{management}/models", params={"url": "mnist.mar", "model_name": "drainme",
-                                                             "initial_workers": 1, "synchronous": "true"},
-                             timeout=120)
+    response = served.http.post(f"{management}/models", params={"url": "mnist.mar", "model_name": "drainme",
+                                                                "initial_workers": 1, "synchronous": "true"},
+                                timeout=120)
     assert response.status_code == 200, response.text
     yield f"{served.url('inference')}/predictions/drainme"
-    requests.delete(f"{management}/models/drainme", timeout=120)
+    served.http.delete(f"{management}/models/drainme", timeout=120)
 
 
 def burst(url: str, clients: int, seconds: float) -> list:

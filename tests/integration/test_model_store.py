@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import requests
 
 from serving.catalog import ROOT
 from serving.server import StartupError, TorchServe
@@ -32,22 +31,22 @@ def elsewhere(tmp_path, model_store):
 def test_registration_outside_the_store_is_refused(served, model_store, elsewhere, url, message):
     url = url.format(elsewhere=elsewhere, store=model_store.resolve())
     before = sorted(p.name for p in model_store.iterdir())
-    response = requests.post(f"{served.url('management')}/models", params={"url": url, "model_name": "e",
-                                                                           "initial_workers": 1}, timeout=60)
+    response = served.http.post(f"{served.url('management')}/models", params={"url": url, "model_name": "e",
+                                                                              "initial_workers": 1}, timeout=60)
     assert 400 <= response.status_code < 500, response.text
     assert message.lower() in response.json()["message"].lower(), response.text
     assert sorted(p.name for p in model_store.iterdir()) == before  # nothing was copied into the store
-    assert requests.get(f"{served.url('management')}/models/e", timeout=30).status_code == 404
+    assert served.http.get(f"{served.url('management')}/models/e", timeout=30).status_code == 404
 
 
 def test_registration_by_name_from_the_store_works(served):
-    registered = requests.post(f"{served.url('management')}/models", params={
+    registered = served.http.post(f"{served.url('management')}/models", params={
         "url": "mnist.mar", "model_name": "mnist_by_name", "initial_workers": 1, "synchronous": "true"}, timeout=120)
     try:
         assert registered.status_code == 200, registered.text
         assert [d["modelVersion"] for d in describe(served, "mnist_by_name")] == ["1.0"]
     finally:
-        requests.delete(f"{served.url('management')}/models/mnist_by_name", timeout=120)
+        served.http.delete(f"{served.url('management')}/models/mnist_by_name", timeout=120)
 
 
 def test_serve_refuses_a_store_everyone_can_write(tmp_path, model_store):

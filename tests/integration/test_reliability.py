@@ -125,11 +125,12 @@ def reachable_from_elsewhere(server: TorchServe) -> list[str]:
 
 
 def test_default_profile_is_reachable_on_loopback_only(served):
-    """Every socket java listens on (read from the kernel, not from the config) is loopback: REST 8080-8082 and
-    gRPC 7070-7071 moved to free ports, their hosts as config.properties says them (serving/server.py keeps
-    them), and no other address of this machine accepts a connection on any of them."""
+    """Every TCP socket java listens on (read from the kernel, not from the config) is loopback: REST 8080 and
+    8082 and gRPC 7070-7071 moved to free ports, their hosts as config.properties says them (serving/server.py
+    keeps them), and no other address of this machine accepts a connection on any of them. The management API
+    has no TCP socket at all (test_security.py)."""
     require(bool(non_loopback_addresses()), "this machine has no non-loopback IPv4 address to try")
-    assert len(listening(served)) == 5, listening(served)
+    assert len(listening(served)) == 4, listening(served)  # inference, metrics, gRPC inference and management
     assert reachable_from_elsewhere(served) == []
     assert requests.get(f"{served.url('inference')}/ping", timeout=10).status_code == 200
 

@@ -33,11 +33,11 @@ def echo(served, model_store, tmp_path_factory):
                     "--export-path", str(model_store), "--force"],
                    check=True, env=dict(os.environ, TMPDIR=str(staging)))
     management = served.url("management")
-    registered = requests.post(f"{management}/models", params={"url": "echo.mar", "initial_workers": 1,
-                                                               "synchronous": "true"}, timeout=120)
+    registered = served.http.post(f"{management}/models", params={"url": "echo.mar", "initial_workers": 1,
+                                                                  "synchronous": "true"}, timeout=120)
     assert registered.status_code == 200, registered.text
     yield served
-    requests.delete(f"{management}/models/echo/1.0", timeout=60)
+    served.http.delete(f"{management}/models/echo/1.0", timeout=60)
     (model_store / "echo.mar").unlink()
 
 
@@ -103,8 +103,8 @@ def test_the_harness_frames_http_requests_as_the_frontend_does(echo, name):
 
 
 def test_the_harness_frames_describe_as_the_management_api_does(echo):
-    described = requests.get(f"{echo.url('management')}/models/echo/1.0", params={"customized": "true"},
-                             timeout=60).json()[0]["customizedMetadata"]
+    described = echo.http.get(f"{echo.url('management')}/models/echo/1.0", params={"customized": "true"},
+                              timeout=60).json()[0]["customizedMetadata"]
     assert_same_request(described if isinstance(described, dict) else json.loads(described),
                         harness({}, None, "describe"))
 
