@@ -21,7 +21,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import requests
+
 from client.api import DEFAULT_MANAGEMENT_URL, ServerError, TorchServeClient, numerics_choice
+from client.transport import socket_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except requests.ConnectionError as exc:
+        url = exc.request.url if exc.request is not None else ""
+        where = socket_path(url) or url.split("/")[2] if url else "the server"
+        print(f"error: no answer from {where}: is TorchServe running (make serve)? ({exc})", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from client.transport import base_url, session, unix_url
 # Where `make serve` (config.properties) puts the management API: a Unix socket in this repository's logs/.
 DEFAULT_MANAGEMENT_URL = unix_url(Path(__file__).resolve().parents[1] / "logs" / "management.sock")
 
+
 class ServerError(RuntimeError):
     """A non-2xx answer, with TorchServe's (or the handler's) JSON message."""
 

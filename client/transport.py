@@ -17,6 +17,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
 SCHEME = "http+unix"
+UNIX = "unix:"  # TorchServe's notation for an address that is a Unix socket: `unix:/path/to.sock`
 
 
 def unix_url(path: str | Path) -> str:
@@ -26,7 +27,7 @@ def unix_url(path: str | Path) -> str:
 
 def base_url(address: str) -> str:
     """A URL, or TorchServe's own notation for a socket (`unix:/path/to.sock`, relative paths allowed) as one."""
-    return unix_url(address[len("unix:"):]) if address.startswith("unix:") else address
+    return unix_url(address[len(UNIX):]) if address.startswith(UNIX) else address
 
 
 def socket_path(url: str) -> Path | None:

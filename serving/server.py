@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import psutil
 import requests
 
-from client.transport import session, socket_path, unix_url
+from client.transport import UNIX, base_url, session, socket_path
 from models.checksum import sha256_of
 from serving.catalog import ROOT
 
@@ -89,7 +89,7 @@ def free_ports(count: int) -> list[int]:
 
 
 TLS_FILES = ("certificate_file", "private_key_file")
-UNIX = "unix:"  # an address TorchServe binds as a Unix socket (`management_address=unix:management.sock`)
+JAVA_MAIN = "org.pytorch.serve.ModelServer"  # the class on TorchServe's java command line
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with its terminating NUL
 
 
@@ -101,7 +101,6 @@ def unix_socket(path: str, run_dir: Path) -> Path:
         raise ValueError(f"the socket path {socket_file} is {len(str(socket_file).encode())} bytes; Unix sockets "
                          f"allow {SOCKET_PATH_MAX}: run from a shorter folder")
     return socket_file
-JAVA_MAIN = "org.pytorch.serve.ModelServer"  # the class on TorchServe's java command line
 
 
 def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | None = None,
@@ -275,7 +274,7 @@ class TorchServe:
         address = self.properties.get(f"{api}_address", {"inference": "http://127.0.0.1:8080",
                                                          "management": "http://127.0.0.1:8081",
                                                          "metrics": "http://127.0.0.1:8082"}[api])
-        return unix_url(address[len(UNIX):]) if address.startswith(UNIX) else address
+        return base_url(address)
 
     def ports(self) -> list[tuple[str, int]]:
         """(host, port) of every TCP socket the config asks for (an API on a Unix socket has none)."""
