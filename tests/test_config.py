@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -127,3 +128,25 @@ def test_a_unix_socket_address_goes_to_the_servers_run_folder(tmp_path):
     deep = tmp_path / ("d" * 100)
     with pytest.raises(ValueError, match="Unix sockets allow 107"):
         config_on_free_ports(PROFILES["default"], deep / "config.properties", tmp_path / "store")
+
+
+def test_a_stale_management_socket_is_cleared_and_a_live_one_refuses_the_start(tmp_path):
+    """java killed with -9 leaves its socket file, over which TorchServe cannot bind: the next start removes it.
+    A socket something still listens on is another server's, and the start says so instead."""
+    import socket
+
+    from serving.server import StartupError, TorchServe, config_on_free_ports
+
+    run = tmp_path / "run"
+    config = config_on_free_ports(PROFILES["default"], run / "config.properties", tmp_path / "store")
+    server = TorchServe(config=config, model_store=tmp_path / "store", run_dir=run)
+    path = Path(read_properties(config)["management_address"].removeprefix("unix:"))
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # closed without unlinking, as a killed java leaves it
+    server.clear_stale_sockets()
+    assert not path.exists()
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen(1)
+        with pytest.raises(StartupError, match="another server already listens on"):
+            server.clear_stale_sockets()
