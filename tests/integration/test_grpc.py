@@ -3,8 +3,9 @@
 gRPC is not this product's main API (REST and KServe's REST protocols are), but TorchServe 0.12 always starts
 it, so it is bound to 127.0.0.1 in every profile and needs the inference/management key in prod. Every unary
 method works, StreamPredictions answers exactly like the unary call, and StreamPredictions2 (bidirectional, for
-TorchServe's sequence batching, which these stateless models do not use) is refused with an error to its caller
-and harms nobody else.
+TorchServe's sequence batching, which these stateless models do not use) answers its caller an error. It can
+still wedge the version it names when the client half-closes first (TorchServe 0.12's frontend; a race, so no
+test here can show it reliably: SECURITY.md, "Known limits", issue 22).
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ def test_stream_predictions_answers_one_message_like_the_unary_call(served, stub
 
 @pytest.mark.parametrize("polite", [False, True], ids=["closes-at-once", "waits-for-the-answer"])
 def test_stream_predictions2_is_refused_and_harms_nobody(served, stubs, inference, polite):
-    """Before the handler answered gRPC requests with ts_stream_next, this left a worker dead under a READY
-    status and the model hanging."""
+    """One call, with the client waiting for the answer (polite) or not: the caller gets an error, no worker
+    is replaced and cifar10 1.0 still answers. Before the handler answered gRPC requests with ts_stream_next,
+    this left a worker dead under a READY status and the model hanging. It does not show that no sequence of
+    such calls wedges a version: some do (SECURITY.md)."""
     pids = worker_pids(served)
     request = stubs.inference_pb2.PredictionsRequest(model_name="cifar10", input={"data": CAT}, sequence_id="s1")
     answered = threading.Event()
