@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -135,12 +134,13 @@ def test_a_stale_management_socket_is_cleared_and_a_live_one_refuses_the_start(t
     A socket something still listens on is another server's, and the start says so instead."""
     import socket
 
+    from client.transport import socket_path
     from serving.server import StartupError, TorchServe, config_on_free_ports
 
     run = tmp_path / "run"
     config = config_on_free_ports(PROFILES["default"], run / "config.properties", tmp_path / "store")
     server = TorchServe(config=config, model_store=tmp_path / "store", run_dir=run)
-    path = Path(read_properties(config)["management_address"].removeprefix("unix:"))
+    path = socket_path(server.url("management"))
     with socket.socket(socket.AF_UNIX) as dead:
         dead.bind(str(path))  # closed without unlinking, as a killed java leaves it
     server.clear_stale_sockets()

@@ -259,7 +259,7 @@ def test_production_profile_requires_tokens_and_refuses_the_model_api(served_pro
     assert too_big.status_code == 413
 
 
-B64_CAT = base64.b64encode(CAT).decode()
+B64_CAT = b64(CAT)
 V2_BODY = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [B64_CAT]}]}
 # Every route TorchServe 0.12 serves on the prod profile's inference and management ports, KServe's included, with
 # what a keyed call answers (the management routes that change state go last, on a version nothing else uses).
@@ -270,7 +270,7 @@ PROD_ROUTES = [
     ("inference", "PUT", "/explanations/mnist", {"data": DIGIT}, 200),
     ("inference", "POST", "/v1/models/cifar10:predict", {"json": {"instances": [{"b64": B64_CAT}]}}, 200),
     ("inference", "POST", "/v1/models/mnist:explain",
-     {"json": {"instances": [{"b64": base64.b64encode(DIGIT).decode()}]}}, 200),
+     {"json": {"instances": [{"b64": b64(DIGIT)}]}}, 200),
     ("inference", "POST", "/v2/models/cifar10/infer", {"json": V2_BODY}, 200),
     ("inference", "GET", "/v2/health/live", {}, 404),  # no such route: the key is checked before the route
     ("management", "GET", "/models", {}, 200),
