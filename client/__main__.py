@@ -6,11 +6,12 @@
     python -m client promote cifar10 2.0
     python -m client rollback cifar10
     python -m client scale cifar10 --workers 3 [--version 2.0]
-    python -m client unregister cifar10 2.0 [--drain-timeout 30] [--force]
+    python -m client unregister cifar10 2.0 [--quiet 2] [--drain-timeout 30] [--force]
 
-`unregister`, and `scale` to 0 workers, first wait until the version has answered nothing for 2 s (nobody
-sending, nothing in flight), up to --drain-timeout seconds, and refuse if it stays busy: TorchServe drops the
-queued requests of a retired version unanswered. --force skips the wait.
+`unregister`, and `scale` to 0 workers, first wait until nobody has sent the version a request for --quiet
+seconds (2) and it has answered every request it took (none queued, none in a worker), up to --drain-timeout
+seconds, and refuse if it stays busy: TorchServe drops the queued requests of a retired version unanswered.
+--force skips the wait.
 
 The prod profile speaks TLS with tokens: pass --inference-url https://127.0.0.1:8443 --management-url
 https://127.0.0.1:8444 --metrics-url https://127.0.0.1:8445 --key-file logs/key_file.json --ca-cert certs/server.crt.
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     unregister.add_argument("model")
     unregister.add_argument("version")
     for command in (scale, unregister):
+        command.add_argument("--quiet", type=float, default=2.0,
+                             help="seconds without a new request that count as nobody sending to the version")
         command.add_argument("--drain-timeout", type=float, default=30.0,
-                             help="seconds to wait for the version to go quiet before refusing")
+                             help="seconds to wait for the version to go quiet and answer before refusing")
         command.add_argument("--force", action="store_true", help="do not wait (queued requests go unanswered)")
     return p
 
@@ -88,9 +91,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "rollback":
         print(f"{args.model}: default is now {client.rollback(args.model)}")
     elif args.command == "scale":
-        print(client.scale(args.model, args.workers, args.version, args.force, args.drain_timeout))
+        print(client.scale(args.model, args.workers, args.version, args.force, args.drain_timeout, args.quiet))
     elif args.command == "unregister":
-        print(client.unregister(args.model, args.version, args.force, args.drain_timeout))
+        print(client.unregister(args.model, args.version, args.force, args.drain_timeout, args.quiet))
 
 
 def numerics_line(client: TorchServeClient, model: str, described: dict) -> str:

@@ -24,13 +24,15 @@ class ServerError(RuntimeError):
 
 
 class NotDrained(ServerError):
-    """A version kept answering requests for the whole drain window: retiring it now would strand its queue."""
+    """A version kept receiving requests, or kept holding one, for the whole drain window: retiring it now would
+    strand its clients."""
 
-    def __init__(self, model: str, version: str, rate: float, waited: float) -> None:
-        super().__init__(409, f"{model} {version} still answers {rate:.1f} requests/s after {waited:.0f} s of "
-                              "waiting; stop sending to it (promote or roll back first if it is the default), "
-                              "or pass --force (TorchServe 0.12 then drops its queued requests unanswered: their "
-                              "clients wait until their own timeout)")
+    def __init__(self, model: str, version: str, rate: float, held: int, waited: float) -> None:
+        busy = f"still receives {rate:.1f} requests/s" if rate > 0 else f"still holds {held} unanswered request(s)"
+        super().__init__(409, f"{model} {version} {busy} after {waited:.0f} s of waiting; stop sending to it "
+                              "(promote or roll back first if it is the default) and let it answer, or pass "
+                              "--force (TorchServe 0.12 then drops its queued requests unanswered: their clients "
+                              "wait until their own timeout)")
 
 
 def _version_key(version: str) -> tuple:
@@ -155,57 +157,89 @@ class TorchServeClient:
         self.promote(model, older[-1])
         return older[-1]
 
-    def answered(self, model: str, version: str) -> float:
-        """A count that grows with every request this version answers (Prometheus, :8082/metrics).
+    def _metrics(self) -> str:
+        return self.session.get(f"{self.metrics_url}/metrics", timeout=self.timeout, verify=self.verify).text
+
+    def arrivals(self, model: str, version: str) -> float:
+        """How many requests have arrived for this version (Prometheus `ts_inference_requests_total`, which the
+        frontend counts when a request arrives, not when it is answered).
 
         TorchServe labels a request by the version its URL names, and `default` when it names none; the
         `default` count is included while this version is the default, as those requests are its own then.
         """
         labels = [version] + (["default"] if self.default_version(model) == version else [])
-        text = self.session.get(f"{self.metrics_url}/metrics", timeout=self.timeout, verify=self.verify).text
-        total = 0.0
-        for label in labels:
-            pattern = (rf'^ts_inference_requests_total{{(?=[^}}]*model_name="{re.escape(model)}")'
-                       rf'(?=[^}}]*model_version="{re.escape(label)}")[^}}]*}} ([0-9.eE+]+)$')
-            total += sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
-        return total
+        text = self._metrics()
+        return sum(value for label in labels for _, value in
+                   _labelled(text, "ts_inference_requests_total", model_name=model, model_version=label))
+
+    def held(self, model: str, version: str) -> int:
+        """Requests this version has accepted and not yet answered: those queued in the frontend (describe's
+        `jobQueueStatus.pendingRequests`) and those its live workers are answering (the handler's
+        `RequestsInHandler` gauge, one per worker pid; a dead worker's last value is left out, as TorchServe
+        sends the requests it held to another worker, where they count again)."""
+        described = self._call("management", "GET", f"/models/{model}/{version}")[0]
+        queued = int(described.get("jobQueueStatus", {}).get("pendingRequests", 0))
+        live = {str(w["pid"]) for w in described.get("workers", []) if w.get("pid") not in (None, -1)}
+        gauges = _labelled(self._metrics(), "RequestsInHandler", ModelName=model, ModelVersion=version)
+        return queued + int(sum(value for labels, value in gauges if labels.get("WorkerPid") in live))
 
     def drain(self, model: str, version: str, quiet_s: float = 2.0, timeout_s: float = 30.0) -> float:
-        """Wait until `version` has answered no request for `quiet_s` seconds: nobody is sending to it and
-        nothing it accepted is still in flight. Returns the seconds waited; raises NotDrained after `timeout_s`.
+        """Wait until nobody has sent `version` a request for `quiet_s` seconds and it holds none (`held`: none
+        queued, none in a worker), seen twice in a row. Returns the seconds waited; raises NotDrained after
+        `timeout_s`.
 
         TorchServe 0.12 offers no way to stop routing to a named version, and unregistering or scaling it to 0
-        drops its queued requests without an answer, so retiring it safely means waiting for it to go quiet.
+        drops its queued requests without an answer, so retiring it safely means waiting until nobody sends to
+        it and it has answered everything it took. Seen twice, `held` (0.25 s or the version's batch delay apart,
+        whichever is longer) also covers a request between the queue and a worker: the frontend's batch
+        aggregator holds it for at most maxBatchDelay, where neither count sees it.
         """
         started = time.monotonic()
-        count, quiet_since = self.answered(model, version), time.monotonic()
-        while time.monotonic() - quiet_since < quiet_s:
+        described = self._call("management", "GET", f"/models/{model}/{version}")[0]
+        interval = max(0.25, 2 * float(described.get("maxBatchDelay", 0)) / 1000)
+        count, quiet_since, idle = self.arrivals(model, version), time.monotonic(), 0
+        while True:
+            if time.monotonic() - quiet_since >= quiet_s:
+                held = self.held(model, version)
+                idle = idle + 1 if held == 0 else 0
+                if idle == 2:
+                    return time.monotonic() - started
             waited = time.monotonic() - started
             if waited > timeout_s:
-                rate = (self.answered(model, version) - count) / max(time.monotonic() - quiet_since, 1e-3)
-                raise NotDrained(model, version, rate, waited)
-            time.sleep(0.25)
-            now = self.answered(model, version)
+                rate = (self.arrivals(model, version) - count) / max(time.monotonic() - quiet_since, 1e-3)
+                raise NotDrained(model, version, rate, self.held(model, version), waited)
+            time.sleep(interval)
+            now = self.arrivals(model, version)
             if now != count:
-                count, quiet_since = now, time.monotonic()
-        return time.monotonic() - started
+                count, quiet_since, idle = now, time.monotonic(), 0
 
     def scale(self, model: str, workers: int, version: str | None = None, force: bool = False,
-              drain_timeout_s: float = 30.0) -> str:
+              drain_timeout_s: float = 30.0, quiet_s: float = 2.0) -> str:
         """Set the version's workers; scaling to 0 drains first (see `drain`) unless `force`."""
         path = f"/models/{model}" + (f"/{version}" if version else "")
         if workers == 0 and not force:
-            self.drain(model, version or self.default_version(model), timeout_s=drain_timeout_s)
+            self.drain(model, version or self.default_version(model), quiet_s, drain_timeout_s)
         params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
         return self._call("management", "PUT", path, params=params)["status"]
 
-    def unregister(self, model: str, version: str, force: bool = False, drain_timeout_s: float = 30.0) -> str:
+    def unregister(self, model: str, version: str, force: bool = False, drain_timeout_s: float = 30.0,
+                   quiet_s: float = 2.0) -> str:
         """Retire a version that is not the default, after it has drained (see `drain`) unless `force`."""
         if not force:
             if self.default_version(model) == version and len(self.versions(model)) > 1:
                 raise ServerError(403, f"{model} {version} is the default version; promote another one first")
-            self.drain(model, version, timeout_s=drain_timeout_s)
+            self.drain(model, version, quiet_s, drain_timeout_s)
         return self._call("management", "DELETE", f"/models/{model}/{version}")["status"]
+
+
+def _labelled(text: str, name: str, **wanted: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of metric `name` in Prometheus text whose labels include `wanted`: (labels, value)."""
+    samples = []
+    for match in re.finditer(rf"^{re.escape(name)}{{([^}}]*)}} (\S+)$", text, re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(1)))
+        if all(labels.get(key) == value for key, value in wanted.items()):
+            samples.append((labels, float(match.group(2))))
+    return samples
 
 
 def numerics_choice(choice: dict) -> str:

@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import oip, payload
@@ -44,6 +46,11 @@ oip.disable_torchserve_envelopes()  # this handler speaks KServe v1/v2 per reque
 
 TOPK_HEADERS = ("x-topk", "topk")
 RETRY_AFTER_S = 1  # a request refused for lack of batch budget or time succeeds when sent again
+# The gauge each worker keeps of the requests it is answering (`handle` sets it to the batch size, then 0):
+# TorchServe's own metrics count a request when it arrives, and nothing says one is held by a worker, so
+# retiring a version (client/api.py `drain`) reads this to wait for answers. Exported on :8082/metrics as
+# RequestsInHandler{ModelName, ModelVersion, WorkerPid} because config.properties sets model_metrics_auto_detect.
+IN_HANDLER_METRIC = "RequestsInHandler"
 
 
 def detached(error: InputError) -> InputError:
@@ -235,9 +242,20 @@ class ImageClassifier(BaseHandler):
         """
         started = time.time()
         self.context = context
-        output = self.postprocess(self.inference(self.preprocess(data)))
+        self._in_handler(len(data))
+        try:
+            output = self.postprocess(self.inference(self.preprocess(data)))
+        finally:
+            self._in_handler(0)
         context.metrics.add_time("HandlerTime", round((time.time() - started) * 1000, 2), None, "ms")
         return output
+
+    def _in_handler(self, count: int) -> None:
+        """Set this worker's IN_HANDLER_METRIC gauge; the worker's pid tells a live worker's value from a dead
+        one's (describe lists the live pids)."""
+        dimensions = [Dimension("ModelName", self.context.model_name), Dimension("ModelVersion", self.version),
+                      Dimension("WorkerPid", str(os.getpid())), Dimension("Level", "Model")]
+        self.context.metrics.add_metric(IN_HANDLER_METRIC, count, "count", None, dimensions, MetricTypes.GAUGE)
 
     def _header(self, idx: int, name: str) -> str | None:
         value = self.context.get_request_header(idx, name)

@@ -52,7 +52,7 @@ def addresses(host: str = LOOPBACK) -> dict[str, str]:
             "metrics_address": "http://0.0.0.0:8082"}
 # Copied from the source profile as they are: limits, memory and metrics behave the same in and out of the cluster.
 KEPT = ("max_request_size", "max_response_size", "vmargs", "job_queue_size", "number_of_netty_threads",
-        "metrics_mode", "default_workers_per_model", "allowed_urls")
+        "metrics_mode", "model_metrics_auto_detect", "default_workers_per_model", "allowed_urls")
 
 
 def snapshot(models: dict, defaults: dict[str, str] | None = None) -> dict:
