@@ -2,11 +2,12 @@
 bounds do when more arrives at once than they hold.
 
     python -m benchmarks.flood [--config config.properties] [--model-store model_store]
-                               [--connections 16] [--requests 96] [--mib 5 | --megapixels 12]
+                               [--connections 16] [--requests 96] [--mib M | --megapixels 12]
 
 Starts TorchServe from `--config` on free ports (the KServe layout's `build/kserve/config/config.properties` with
 `--model-store build/kserve/model-store` is the pod's own TorchServe), then sends `--requests` PNGs of random
-pixels (incompressible, so each is `--mib` large and must be decoded in full), or with `--megapixels` smooth
+pixels (incompressible, so each is `--mib` large and must be decoded in full; by default just under the
+config's max_request_size, the largest body it admits), or with `--megapixels` smooth
 PNGs of that many pixels (small bodies, the most decoding the pixel budgets admit: 12 is the per-request budget,
 two fill a batch's), from `--connections` threads, round-robin to every version it serves. Prints the answers
 by status, java's and every worker's high-water mark (VmHWM) before and after, and whether java is alive and
@@ -93,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None, help="keep the server's logs here (default: a temporary "
                    "folder, removed afterwards)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--mib", type=float, default=5.0, help="noise PNGs this large (default: the handler's max_bytes)")
+    size.add_argument("--mib", type=float, default=None,
+                      help="noise PNGs this large (default: 95%% of the config's max_request_size)")
     size.add_argument("--megapixels", type=float, default=None, help="smooth PNGs of this many pixels instead")
     args = p.parse_args(argv)
-    body = smooth_png(args.megapixels) if args.megapixels else noise_png(args.mib)
     overrides = dict(item.split("=", 1) for item in args.set)
-    limit = int({**read_properties(args.config), **overrides}.get("max_request_size", 6553500))
+    limit = int({**read_properties(args.config), **overrides}.get("max_request_size", 6553500))  # TorchServe's default
+    body = smooth_png(args.megapixels) if args.megapixels else noise_png(args.mib or 0.95 * limit / 2**20)
     print(f"{len(body):,}-byte PNG bodies; the config's max_request_size is {limit:,} bytes")
     with tempfile.TemporaryDirectory(prefix="flood-") as scratch:
         server = TorchServe.on_free_ports(args.config, args.run_dir or Path(scratch), args.model_store, overrides)

@@ -64,7 +64,7 @@ class Limits:
     is decoded; the README has the arithmetic.
     """
 
-    max_bytes: int = 5 * 1024 * 1024
+    max_bytes: int = 768 * 1024  # the most a 1 MiB request (max_request_size) carries as base64
     max_pixels: int = 4096 * 4096  # per image, as its header declares it (decompression bombs)
     min_side: int = 8
     max_images: int = 64

@@ -94,7 +94,7 @@ def corpus() -> list[Case]:
         Case("PNG header claims 100000x1", 400, "smallest accepted side", body=images.png_claiming(100_000, 1)),
         Case("1x1 image", 400, "smallest accepted side", body=images.encode(images.noise(1, 1))),
         Case("4x4 image", 400, "smallest accepted side", body=images.encode(images.noise(4, 4))),
-        Case("image over max_bytes", 413, "limit is 5,242,880 bytes", body=_big_png(5.6)),
+        Case("image over max_bytes", 413, "limit is 786,432 bytes", body=_big_png(0.8)),
         # Refused by TorchServe's frontend before any handler runs: status only, its body is not ours.
         Case("body over max_request_size", 413, body=b"\x00" * (7 * 1024 * 1024)),
         # odd but valid images

@@ -28,6 +28,14 @@ def noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Im
     return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
 
 
+def smooth(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-sized image whose encoding is small (gradients, which PNG's filters and JPEG both compress to tens
+    of kB): every pixel must still be decoded, so pixel budgets, not the handler's max_bytes, decide."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y + seed) % 256], -1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
 def digit(size: int = 28, dark_on_light: bool = False) -> np.ndarray:
     """A plain '1'-like stroke: light ink on black, as MNIST stores digits (or inverted, as paper shows them)."""
     pixels = np.zeros((size, size), dtype=np.uint8)

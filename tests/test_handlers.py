@@ -215,7 +215,7 @@ def test_bad_topk_header_is_a_400(harness):
 @pytest.mark.parametrize("image", [
     images.noise(32, 32, "RGBA"), images.noise(32, 32).convert("P"), images.noise(32, 32, "L"),
     Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)), images.noise(32, 32).convert("CMYK"),
-    images.noise(1600, 900),
+    images.smooth(1600, 900),
 ], ids=["rgba", "palette", "gray", "gray16", "cmyk", "large-photo"])
 def test_image_modes_become_model_input(harness, image):
     fmt = "JPEG" if image.mode == "CMYK" else "PNG"
@@ -377,7 +377,7 @@ def test_a_request_over_its_pixel_budget_is_refused_from_the_headers(harness):
     status, _ = h.one({"body": {"data": [b64(images.encode(images.noise(40, 40)))]}})
     assert status == 200
     # A JPEG counts at the scale draft mode decodes it at (1/8 of each side here): 1600×1600 → 200×200 = 40,000.
-    jpeg = images.encode(images.noise(1600, 1600), "JPEG", quality=90)
+    jpeg = images.encode(images.smooth(1600, 1600), "JPEG", quality=90)
     status, body = harness("cifar10", handler={"max_request_pixels": 40_000}).one({"body": jpeg})
     assert status == 200, body
 
@@ -399,7 +399,7 @@ def test_past_the_batch_budget_the_costliest_rows_answer_503_with_retry_after(ha
 def test_rows_after_the_batch_deadline_answer_503_and_the_first_is_always_served(harness):
     """A 1 ms deadline: decoding the first (1-megapixel) request takes longer on any host (≥ 10 ns a pixel)."""
     h = harness("cifar10", handler={"batch_deadline_ms": 1})
-    rows = [{"body": images.encode(images.noise(side, side, seed=side))} for side in (1000, 1100, 1200)]
+    rows = [{"body": images.encode(images.smooth(side, side, seed=side))} for side in (1000, 1100, 1200)]
     results = h.run(rows)
     assert [status for status, _ in results] == [200, 503, 503]
     assert results[1][1]["type"] == "Busy" and "deadline" in results[1][1]["message"]

@@ -91,6 +91,28 @@ def test_the_page_shows_cat_on_top_and_draws_the_map(page, tmp_path):
             Path(os.environ["DEMO_SCREENSHOT"]).write_bytes((tmp_path / "demo.png").read_bytes())
 
 
+def test_a_photo_larger_than_the_servers_limit_is_shrunk_by_the_page(page, tmp_path):
+    """A 1200×1200 photo of the cat (upscaled, with noise so PNG cannot compress it: about 4 MB) is over the
+    server's 1 MiB max_request_size; the page shrinks it before sending, and the answer is still cat."""
+    require(browser.available(), "chromium and chromedriver are not installed (make browser-deps installs "
+                                 "Debian's packages)")
+    import numpy as np
+    from PIL import Image
+
+    big = np.asarray(Image.open(CAT).convert("RGB").resize((1200, 1200), Image.NEAREST), dtype=np.int16)
+    noise = np.random.default_rng(0).integers(-6, 7, big.shape)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.clip(big + noise, 0, 255).astype(np.uint8)).save(photo)
+    assert photo.stat().st_size > 2**20
+    url, _ = page
+    with browser.Browser() as chromium:
+        chromium.open(url)
+        chromium.upload("#file", photo)
+        assert chromium.wait_for("return document.body.dataset.answeredBy") == "1.0", \
+            chromium.script("return document.getElementById('status').textContent")
+        assert chromium.wait_for(TOP_BAR) == "cat"
+
+
 def test_the_page_from_another_origin_is_refused_by_the_browser(page):
     """The same page served from an origin TorchServe does not admit gets no answer: CORS is what stops it."""
     require(browser.available(), "chromium and chromedriver are not installed (make browser-deps installs "
