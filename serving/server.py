@@ -72,7 +72,7 @@ def read_properties(path: Path) -> dict[str, str]:
 
 
 PORT_KEYS = ("inference_address", "management_address", "metrics_address", "grpc_inference_port",
-             "grpc_management_port")
+             "grpc_management_port", "grpc_front_port")
 
 
 def free_ports(count: int) -> list[int]:
@@ -283,7 +283,14 @@ class TorchServe:
         for api, default in (("inference", 7070), ("management", 7071)):
             host = self.properties.get(f"grpc_{api}_address", "0.0.0.0")
             ports.append((host, int(self.properties.get(f"grpc_{api}_port", default))))
+        if "grpc_front_port" in self.properties:
+            ports.append((self.properties.get("grpc_inference_address", "0.0.0.0"),
+                          int(self.properties["grpc_front_port"])))
         return ports
+
+    def grpc_port(self) -> int:
+        """The gRPC inference port clients call: the front's (serving/grpc_front.py) when the config names one."""
+        return int(self.properties.get("grpc_front_port") or self.properties.get("grpc_inference_port", 7070))
 
     @property
     def verify(self) -> str | bool:
@@ -392,6 +399,7 @@ class TorchServe:
         if self.pid() is not None:
             self.logs.mark()
             self.wait_ready(timeout, launched=False)
+            self.launch_front()
             return 0.0
         if shutil.which("java") is None:
             raise StartupError("java is not on PATH: TorchServe's frontend needs a JDK 17 (apt install openjdk-17-jdk)")
@@ -418,6 +426,7 @@ class TorchServe:
                     raise
                 self._move_to_new_ports()
                 continue
+            self.launch_front()
             return time.monotonic() - started
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -459,6 +468,64 @@ class TorchServe:
                             str(self.model_store), "--log-config", str(LOG_CONFIG), "--ncs"], cwd=self.run_dir,
                            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
                            start_new_session=True)
+
+    # --- the gRPC front (serving/grpc_front.py: StreamPredictions2 refused, the rest passed to TorchServe) ------
+    @property
+    def front_pid_file(self) -> Path:
+        return self.tmp_dir / "grpc_front.pid"
+
+    def front_pid(self) -> int | None:
+        """The front's pid, only if its pid file names a live serving.grpc_front started with that very file
+        (so of this run folder, and never a process that inherited a stale pid)."""
+        try:
+            pid = int(self.front_pid_file.read_text().strip())
+            process = psutil.Process(pid)
+            argv = process.cmdline()
+            alive = process.status() != psutil.STATUS_ZOMBIE
+        except (OSError, ValueError, psutil.Error):
+            return None
+        ours = "serving.grpc_front" in argv and str(self.front_pid_file) in argv
+        return pid if alive and ours else None
+
+    def launch_front(self, timeout: float = 30.0) -> None:
+        """Start the front when the config names `grpc_front_port` and it is not running; wait until it listens."""
+        if "grpc_front_port" not in self.properties or self.front_pid() is not None:
+            return
+        host = self.properties.get("grpc_inference_address", "0.0.0.0")
+        argv = [sys.executable, "-m", "serving.grpc_front", "--listen", f"{host}:{self.properties['grpc_front_port']}",
+                "--upstream", f"{'127.0.0.1' if host == '0.0.0.0' else host}:"
+                              f"{self.properties.get('grpc_inference_port', 7070)}",
+                "--max-message-bytes", self.properties.get("max_request_size", "6553500"),
+                "--pid-file", str(self.front_pid_file)]
+        if self.properties.get("enable_grpc_ssl") == "true":
+            argv += ["--certificate", self.properties["certificate_file"],
+                     "--private-key", self.properties["private_key_file"]]
+        log = self.log_dir / "grpc_front.log"
+        with open(log, "ab") as out:
+            front = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while self.front_pid() is None:
+            if front.poll() is not None or time.monotonic() > deadline:
+                front.kill()
+                raise StartupError(f"the gRPC front did not start; {log}: {log.read_text()[-400:].strip()}")
+            time.sleep(0.1)
+
+    def stop_front(self) -> bool:
+        """SIGTERM the front and wait for it (SIGKILL after 10 s); False when it was not running."""
+        pid = self.front_pid()
+        if pid is not None:
+            try:
+                front = psutil.Process(pid)
+                front.terminate()
+                try:
+                    front.wait(10)
+                except psutil.TimeoutExpired:
+                    front.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.front_pid_file.unlink(missing_ok=True)
+        return pid is not None
 
     def wait_ready(self, timeout: float, launched: bool = True) -> None:
         """Poll until every expected version has a READY worker; fail on the first sign it never will."""
@@ -541,6 +608,7 @@ class TorchServe:
         """SIGTERM java and wait for it (SIGKILL after `timeout`), then end any worker of this server that
         outlived it (also when java had already died: its workers keep running); False when nothing of ours
         was running."""
+        front = self.stop_front()
         pid = self.pid()
         if pid is not None:
             try:
@@ -556,7 +624,7 @@ class TorchServe:
         self.orphans_killed = self.kill_orphans()
         self.pid_file.unlink(missing_ok=True)  # stale when java was gone: its pid may be anyone's now
         self.key_file.unlink(missing_ok=True)  # the keys die with the server; a new start writes new ones
-        return pid is not None or self.orphans_killed > 0
+        return pid is not None or front or self.orphans_killed > 0
 
     def owns(self, process: psutil.Process) -> bool:
         """Whether `process` is provably this server's: TorchServe's java with exactly our TMPDIR as its
@@ -612,6 +680,11 @@ def run_foreground(server: TorchServe, timeout: float) -> int:
     while not stop.wait(1.0):
         if server.pid() is None:
             print("TorchServe's java process exited on its own", file=sys.stderr, flush=True)
+            server.stop()
+            return 1
+        if "grpc_front_port" in server.properties and server.front_pid() is None:
+            print("the gRPC front exited on its own", file=sys.stderr, flush=True)
+            server.stop()
             return 1
     server.stop()
     print("stopped cleanly", flush=True)
@@ -624,6 +697,8 @@ def healthy(server: TorchServe) -> list[str]:
     if server.pid() is None:
         return ["TorchServe is not running"]
     problems = []
+    if "grpc_front_port" in server.properties and server.front_pid() is None:
+        problems.append(f"the gRPC front (port {server.properties['grpc_front_port']}) is not running")
     for model, versions in server.expected_models().items():
         try:
             described = {d["modelVersion"]: d for d in server.describe(model)}
@@ -656,6 +731,10 @@ def print_status(server: TorchServe) -> None:
         print("TorchServe is not running (make serve starts it)")
         return
     print(f"TorchServe running (java pid {server.pid()}, config {server.config.name})")
+    if "grpc_front_port" in server.properties:
+        front = server.front_pid()
+        print(f"  gRPC front on port {server.grpc_port()}: " + (f"pid {front}" if front else "NOT RUNNING (make serve "
+                                                                "starts it again)"))
     models = server.http.get(f"{server.url('management')}/models", headers=server.headers("management"), timeout=5,
                              verify=server.verify)
     for entry in models.json().get("models", []):
@@ -727,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = management.relative_to(ROOT) if management.is_relative_to(ROOT) else management
         print(f"  management  Unix socket {shown} (curl --unix-socket {shown} http://localhost/models)")
     print(f"  metrics     {server.url('metrics')}/metrics")
+    print(f"  gRPC        {server.properties.get('grpc_inference_address', '0.0.0.0')}:{server.grpc_port()} "
+          "(inference; StreamPredictions2 refused, README \"gRPC\")")
     print(f"  logs        {server.log_dir}/")
     auth = ""
     if server.token("inference"):

@@ -100,13 +100,15 @@ def non_loopback_addresses() -> list[str]:
 
 
 def listening(server: TorchServe) -> set[tuple[str, int]]:
-    """(address, port) of every socket java listens on, from the kernel: what the server binds, whatever its
-    config was meant to say (java listens on IPv6 sockets: 127.0.0.1 shows as ::ffff:127.0.0.1, 0.0.0.0 as ::)."""
+    """(address, port) of every socket java and the gRPC front listen on, from the kernel: what the server binds,
+    whatever its config was meant to say (java listens on IPv6 sockets: 127.0.0.1 shows as ::ffff:127.0.0.1,
+    0.0.0.0 as ::)."""
     def ip(text: str) -> str:
         address = ipaddress.ip_address(text)
         return str(getattr(address, "ipv4_mapped", None) or address)
 
-    return {(ip(c.laddr.ip), c.laddr.port) for c in psutil.Process(server.pid()).net_connections(kind="inet")
+    processes = [psutil.Process(pid) for pid in (server.pid(), server.front_pid()) if pid is not None]
+    return {(ip(c.laddr.ip), c.laddr.port) for process in processes for c in process.net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN}
 
 
@@ -125,12 +127,13 @@ def reachable_from_elsewhere(server: TorchServe) -> list[str]:
 
 
 def test_default_profile_is_reachable_on_loopback_only(served):
-    """Every TCP socket java listens on (read from the kernel, not from the config) is loopback: REST 8080 and
-    8082 and gRPC 7070-7071 moved to free ports, their hosts as config.properties says them (serving/server.py
-    keeps them), and no other address of this machine accepts a connection on any of them. The management API
-    has no TCP socket at all (test_security.py)."""
+    """Every TCP socket java and the gRPC front listen on (read from the kernel, not from the config) is
+    loopback: REST 8080 and 8082, the gRPC front's 7070 and TorchServe's gRPC 7071-7072 moved to free ports,
+    their hosts as config.properties says them (serving/server.py keeps them), and no other address of this
+    machine accepts a connection on any of them. The management API has no TCP socket at all (test_security.py)."""
     require(bool(non_loopback_addresses()), "this machine has no non-loopback IPv4 address to try")
-    assert len(listening(served)) == 4, listening(served)  # inference, metrics, gRPC inference and management
+    # inference, metrics, the gRPC front, TorchServe's gRPC inference and management
+    assert len(listening(served)) == 5, listening(served)
     assert reachable_from_elsewhere(served) == []
     assert requests.get(f"{served.url('inference')}/ping", timeout=10).status_code == 200
 
@@ -146,9 +149,10 @@ def test_the_loopback_check_sees_an_exposed_address(tmp_path, model_store):
     server.start(timeout=240)
     try:
         exposed = reachable_from_elsewhere(server)
-        for port in (urlparse(server.url("metrics")).port, int(server.properties["grpc_inference_port"])):
+        for port in (urlparse(server.url("metrics")).port, int(server.properties["grpc_inference_port"]),
+                     server.grpc_port()):
             assert any(entry.endswith(f":{port} (bound)") for entry in exposed), exposed
-        assert len(exposed) == 2 * (1 + len(non_loopback_addresses())), exposed
+        assert len(exposed) == 3 * (1 + len(non_loopback_addresses())), exposed
     finally:
         server.stop()
 

@@ -317,7 +317,9 @@ def test_production_grpc_speaks_tls_and_needs_the_keys(served_prod, stubs):
     import grpc
 
     trust = grpc.ssl_channel_credentials(root_certificates=Path(served_prod.verify).read_bytes())
-    ports = {api: served_prod.properties[f"grpc_{api}_port"] for api in ("inference", "management")}
+    # Inference through the gRPC front clients call (serving/grpc_front.py: TLS on both of its sides, the key
+    # passed through), management straight to TorchServe.
+    ports = {"inference": served_prod.grpc_port(), "management": served_prod.properties["grpc_management_port"]}
     request = stubs.inference_pb2.PredictionsRequest(model_name="cifar10", input={"data": CAT})
     with grpc.insecure_channel(f"127.0.0.1:{ports['inference']}") as plain:
         with pytest.raises(grpc.RpcError) as refused:
@@ -343,6 +345,11 @@ def test_production_grpc_speaks_tls_and_needs_the_keys(served_prod, stubs):
         described = management.DescribeModel(describe_request, timeout=30,
                                              metadata=(("authorization", f"Bearer {served_prod.token('management')}"),))
         assert json.loads(described.msg)[0]["modelName"] == "cifar10"
+    # TorchServe's own gRPC inference port, behind the front, asks for the key as well.
+    with grpc.secure_channel(f"127.0.0.1:{served_prod.properties['grpc_inference_port']}", trust) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel).Predictions(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_production_profile_speaks_tls_only(served_prod):

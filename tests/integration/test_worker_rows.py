@@ -112,7 +112,7 @@ def test_the_harness_frames_describe_as_the_management_api_does(echo):
 def test_the_harness_frames_grpc_requests_as_the_frontend_does(echo, stubs):
     import grpc
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{echo.properties['grpc_inference_port']}")
+    channel = grpc.insecure_channel(f"127.0.0.1:{echo.grpc_port()}")
     try:
         stub = stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
         answer = stub.Predictions(stubs.inference_pb2.PredictionsRequest(
