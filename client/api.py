@@ -197,7 +197,8 @@ class TorchServeClient:
         started = time.monotonic()
         described = self._call("management", "GET", f"/models/{model}/{version}")[0]
         interval = max(0.25, 2 * float(described.get("maxBatchDelay", 0)) / 1000)
-        count, quiet_since, idle = self.arrivals(model, version), time.monotonic(), 0
+        first = count = self.arrivals(model, version)
+        quiet_since, idle = time.monotonic(), 0
         while True:
             if time.monotonic() - quiet_since >= quiet_s:
                 held = self.held(model, version)
@@ -206,8 +207,9 @@ class TorchServeClient:
                     return time.monotonic() - started
             waited = time.monotonic() - started
             if waited > timeout_s:
-                rate = (self.arrivals(model, version) - count) / max(time.monotonic() - quiet_since, 1e-3)
-                raise NotDrained(model, version, rate, self.held(model, version), waited)
+                receiving = time.monotonic() - quiet_since < quiet_s  # the rate: over the whole wait
+                rate = (self.arrivals(model, version) - first) / waited if receiving else 0.0
+                raise NotDrained(model, version, rate, 0 if receiving else self.held(model, version), waited)
             time.sleep(interval)
             now = self.arrivals(model, version)
             if now != count:
