@@ -28,7 +28,8 @@ class NotDrained(ServerError):
     strand its clients."""
 
     def __init__(self, model: str, version: str, rate: float, held: int, waited: float) -> None:
-        busy = f"still receives {rate:.1f} requests/s" if rate > 0 else f"still holds {held} unanswered request(s)"
+        busy = (f"still receives {rate:.1f} requests/s" if rate > 0 else
+                f"still holds {held} unanswered request(s)" if held else "went quiet only as the wait ended")
         super().__init__(409, f"{model} {version} {busy} after {waited:.0f} s of waiting; stop sending to it "
                               "(promote or roll back first if it is the default) and let it answer, or pass "
                               "--force (TorchServe 0.12 then drops its queued requests unanswered: their clients "
