@@ -406,6 +406,9 @@ class TorchServe:
         self.check_store()
         self.check_archives()
         self.check_tls()
+        # What a java that died left running (its workers, its gRPC front, which holds the front's port) goes
+        # first, as `make stop` would have ended it.
+        self.stop()
         self.clear_stale_sockets()
         started = time.monotonic()
         for attempt in range(1, PORT_ATTEMPTS + 1):

@@ -2,6 +2,7 @@
 the server module never acts on another day's log lines or on a process that only reuses java's old pid."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -209,3 +210,22 @@ def test_a_crashed_javas_workers_are_cleaned_up_by_stop(tmp_path, model_store):
     assert server.stop() == bool(alive) or alive == []
     gone, left = psutil.wait_procs(workers, timeout=30)
     assert left == [], f"workers outlived stop: {left}"
+
+
+def test_start_after_a_java_crash_replaces_what_it_left(tmp_path, model_store):
+    """java killed hard leaves its workers and its gRPC front running, the front on its port: `start` again (what
+    `make serve` does after a crash, without `make stop`) ends them and comes up with a new java and front."""
+    models = {"mnist": {"1.0": {"defaultVersion": True, "marName": "mnist.mar", "minWorkers": 1, "maxWorkers": 1}}}
+    server = TorchServe.on_free_ports(ROOT / "config.properties", tmp_path / "run", model_store,
+                                      {"load_models": "mnist.mar", "models": json.dumps(models)})
+    server.start(timeout=240)
+    try:
+        java, front = psutil.Process(server.pid()), psutil.Process(server.front_pid())
+        java.kill()
+        java.wait(30)
+        assert front.is_running()
+        server.start(timeout=240)
+        assert server.pid() not in (None, java.pid) and server.front_pid() not in (None, front.pid)
+        assert not front.is_running() or front.status() == psutil.STATUS_ZOMBIE
+    finally:
+        server.stop()
