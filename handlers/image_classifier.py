@@ -102,6 +102,10 @@ class ImageClassifier(BaseHandler):
         self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
         self.explain_steps = int(config.get("explain_steps", 64))
         self.integrated_gradients = self._integrated_gradients()
+        # IN_HANDLER_METRIC's labels; the pid tells a live worker's value from a dead one's (describe lists pids)
+        self.in_handler_dimensions = [Dimension("ModelName", context.model_name),
+                                      Dimension("ModelVersion", self.version),
+                                      Dimension("WorkerPid", str(os.getpid())), Dimension("Level", "Model")]
         # Integrated Gradients' baseline, "no signal": the all-black image (for mnist, an empty page of ink).
         self.baseline = self.spec.normalize(torch.zeros((1, *self.spec.input_shape), dtype=torch.uint8)).to(self.device)
         with torch.inference_mode():  # the first forward pass allocates; pay for it before the first request
@@ -251,11 +255,10 @@ class ImageClassifier(BaseHandler):
         return output
 
     def _in_handler(self, count: int) -> None:
-        """Set this worker's IN_HANDLER_METRIC gauge; the worker's pid tells a live worker's value from a dead
-        one's (describe lists the live pids)."""
-        dimensions = [Dimension("ModelName", self.context.model_name), Dimension("ModelVersion", self.version),
-                      Dimension("WorkerPid", str(os.getpid())), Dimension("Level", "Model")]
-        self.context.metrics.add_metric(IN_HANDLER_METRIC, count, "count", None, dimensions, MetricTypes.GAUGE)
+        """Set this worker's IN_HANDLER_METRIC gauge (TorchServe's add_metric appends to the list it is given
+        when a default label is missing; all are present, so the list built in `initialize` stays as it is)."""
+        self.context.metrics.add_metric(IN_HANDLER_METRIC, count, "count", None, self.in_handler_dimensions,
+                                        MetricTypes.GAUGE)
 
     def _header(self, idx: int, name: str) -> str | None:
         value = self.context.get_request_header(idx, name)

@@ -149,6 +149,20 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def terminate(pid: int, timeout: float) -> None:
+    """SIGTERM a process we proved ours and wait for it, SIGKILL after `timeout`; one already gone is fine."""
+    try:
+        process = psutil.Process(pid)
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+    except psutil.NoSuchProcess:
+        pass  # it exited on its own between the check and the signal
+
+
 def pid_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:
@@ -283,10 +297,15 @@ class TorchServe:
         for api, default in (("inference", 7070), ("management", 7071)):
             host = self.properties.get(f"grpc_{api}_address", "0.0.0.0")
             ports.append((host, int(self.properties.get(f"grpc_{api}_port", default))))
-        if "grpc_front_port" in self.properties:
+        if self.has_front:
             ports.append((self.properties.get("grpc_inference_address", "0.0.0.0"),
                           int(self.properties["grpc_front_port"])))
         return ports
+
+    @property
+    def has_front(self) -> bool:
+        """Whether the config puts the gRPC front (serving/grpc_front.py) before TorchServe's gRPC port."""
+        return "grpc_front_port" in self.properties
 
     def grpc_port(self) -> int:
         """The gRPC inference port clients call: the front's (serving/grpc_front.py) when the config names one."""
@@ -492,7 +511,7 @@ class TorchServe:
 
     def launch_front(self, timeout: float = 30.0) -> None:
         """Start the front when the config names `grpc_front_port` and it is not running; wait until it listens."""
-        if "grpc_front_port" not in self.properties or self.front_pid() is not None:
+        if not self.has_front or self.front_pid() is not None:
             return
         host = self.properties.get("grpc_inference_address", "0.0.0.0")
         argv = [sys.executable, "-m", "serving.grpc_front", "--listen", f"{host}:{self.properties['grpc_front_port']}",
@@ -518,15 +537,7 @@ class TorchServe:
         """SIGTERM the front and wait for it (SIGKILL after 10 s); False when it was not running."""
         pid = self.front_pid()
         if pid is not None:
-            try:
-                front = psutil.Process(pid)
-                front.terminate()
-                try:
-                    front.wait(10)
-                except psutil.TimeoutExpired:
-                    front.kill()
-            except psutil.NoSuchProcess:
-                pass
+            terminate(pid, 10)
         self.front_pid_file.unlink(missing_ok=True)
         return pid is not None
 
@@ -614,16 +625,7 @@ class TorchServe:
         front = self.stop_front()
         pid = self.pid()
         if pid is not None:
-            try:
-                java = psutil.Process(pid)
-                java.terminate()
-                try:
-                    java.wait(timeout)
-                except psutil.TimeoutExpired:
-                    java.kill()
-                    java.wait(30)
-            except psutil.NoSuchProcess:
-                pass  # it exited on its own between the check and the signal
+            terminate(pid, timeout)
         self.orphans_killed = self.kill_orphans()
         self.pid_file.unlink(missing_ok=True)  # stale when java was gone: its pid may be anyone's now
         self.key_file.unlink(missing_ok=True)  # the keys die with the server; a new start writes new ones
@@ -685,7 +687,7 @@ def run_foreground(server: TorchServe, timeout: float) -> int:
             print("TorchServe's java process exited on its own", file=sys.stderr, flush=True)
             server.stop()
             return 1
-        if "grpc_front_port" in server.properties and server.front_pid() is None:
+        if server.has_front and server.front_pid() is None:
             print("the gRPC front exited on its own", file=sys.stderr, flush=True)
             server.stop()
             return 1
@@ -700,7 +702,7 @@ def healthy(server: TorchServe) -> list[str]:
     if server.pid() is None:
         return ["TorchServe is not running"]
     problems = []
-    if "grpc_front_port" in server.properties and server.front_pid() is None:
+    if server.has_front and server.front_pid() is None:
         problems.append(f"the gRPC front (port {server.properties['grpc_front_port']}) is not running")
     for model, versions in server.expected_models().items():
         try:
@@ -734,7 +736,7 @@ def print_status(server: TorchServe) -> None:
         print("TorchServe is not running (make serve starts it)")
         return
     print(f"TorchServe running (java pid {server.pid()}, config {server.config.name})")
-    if "grpc_front_port" in server.properties:
+    if server.has_front:
         front = server.front_pid()
         print(f"  gRPC front on port {server.grpc_port()}: " + (f"pid {front}" if front else "NOT RUNNING (make serve "
                                                                 "starts it again)"))

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from client.api import TorchServeClient
 from serving.catalog import ROOT
 
 DIGIT = (ROOT / "examples" / "digit7.png").read_bytes()
@@ -45,9 +46,9 @@ def slow_version(served):
 
 
 def arrivals(served, model: str) -> float:
-    text = requests.get(f"{served.url('metrics')}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("ts_inference_requests_total{") and f'model_name="{model}"' in line)
+    """The arrivals the CLI's drain counts for `model` 2.0 (its one version, so also its default)."""
+    client = TorchServeClient(served.url("inference"), served.url("management"), metrics_url=served.url("metrics"))
+    return client.arrivals(model, "2.0")
 
 
 def test_retiring_waits_for_requests_slower_than_the_quiet_window(served, slow_version, cli):
