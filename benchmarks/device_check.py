@@ -77,8 +77,9 @@ def top1(handler: InProcessHandler, bodies: list[bytes], batch: int) -> list[str
 
 
 def explain(handler: InProcessHandler, bodies: list[bytes]) -> list[dict]:
-    """Explanations of the first EXPLAINED images, one request each, answered in one server-side batch."""
-    answers = handler.run([{"body": body} for body in bodies[:EXPLAINED]], routes="explanations")
+    """Explanations of the first EXPLAINED images, one request each and one per server-side batch (a worker
+    explains one request per batch: handlers/explaining.py)."""
+    answers = [handler.one({"body": body}, route="explanations") for body in bodies[:EXPLAINED]]
     for status, answer in answers:
         if status != 200:
             raise RuntimeError(f"the handler answered {status} to an explanation: {answer}")

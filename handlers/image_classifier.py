@@ -2,8 +2,9 @@
 
 Life cycle, as TorchServe drives it: `initialize` once per worker, then `handle` per server-side batch, which
 runs `preprocess` (every request row → images, one uint8 tensor for the whole batch, normalised in one
-operation), `inference` (one forward pass, calibrated probabilities, and Integrated Gradients for the rows that
-asked for an explanation) and `postprocess` (top-k per image, one JSON body per request).
+operation), `inference` (one forward pass, calibrated probabilities) and `postprocess` (top-k per image, one JSON
+body per request); a batch with an explanation sends its other answers first, then computes Integrated Gradients
+for that one request (handlers/explaining.py says why and how).
 A row that cannot be served gets its own 4xx through `context.set_response_status`; the rest of the batch
 still answers 200, and no input can raise out of `handle` and cost the batch or the worker.
 
@@ -33,7 +34,7 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import oip, payload
+from handlers import explaining, oip, payload
 from handlers.imaging import InputError, Limits, decode_opened, open_image
 from handlers.payload import Batch
 from models import numerics
@@ -102,6 +103,13 @@ class ImageClassifier(BaseHandler):
         self.limits = Limits(**{k: int(config[k]) for k in Limits.__dataclass_fields__ if k in config})
         self.explain_steps = int(config.get("explain_steps", 64))
         self.integrated_gradients = self._integrated_gradients()
+        self.explain_workers = int(config.get("explain_workers", 1))
+        self.slots = explaining.Slots(model_dir, self.explain_workers)
+        self.answers_first = explaining.early_answers_supported(str(properties.get("server_version")))
+        if not self.answers_first:
+            logger.warning("TorchServe %s is not one this handler's early answers were checked against (%s): a "
+                           "batch's predictions are answered with its explanation, after it",
+                           properties.get("server_version"), ", ".join(explaining.EARLY_ANSWERS_CHECKED))
         # IN_HANDLER_METRIC's labels; the pid tells a live worker's value from a dead one's (describe lists pids)
         self.in_handler_dimensions = [Dimension("ModelName", context.model_name),
                                       Dimension("ModelVersion", self.version),
@@ -154,6 +162,33 @@ class ImageClassifier(BaseHandler):
             parameter.requires_grad_(False)  # only the input's gradient is needed; serving never trains
         runner = self.model
         return IntegratedGradients(lambda x: runner.model(x.contiguous(memory_format=runner.memory_format)))
+
+    def _explain_last(self, batch: Batch) -> list[bytes]:
+        """The batch's one explanation, after its other rows are answered (`explaining.answer_first`): the
+        explanation's own row is the batch's final message. Its status (200) and headers go out with the early
+        message, before its attributions exist; computing them on images already decoded and predicted raises no
+        known error, and one that did would still answer this row alone, with an error body."""
+        idx = batch.explaining
+        others = [i for i in range(len(batch.plans)) if i != idx]
+        if others and self.answers_first:
+            bodies = dict(zip(others, self.postprocess(batch, others)))
+            self._headers(idx, len(batch.plans))
+            explaining.answer_first(self.context, bodies, idx)
+        else:
+            bodies = {}
+        plan = batch.plans[idx]
+        targets = batch.probabilities[plan.start:plan.start + plan.count].argmax(1)
+        try:
+            batch.explanations[idx] = (*self._explain(batch.images[plan.start:plan.start + plan.count], targets),
+                                       targets)
+        except Exception:
+            logger.exception("the explanation failed")
+            batch.plans[idx] = InputError("the explanation could not be computed; /predictions answers the same "
+                                          "request", status=500, error_type="InternalServerError")
+        if bodies:
+            [body] = self.postprocess(batch, [idx])
+            return [body if i == idx else b"" for i in range(len(batch.plans))]  # the others are sent already
+        return self.postprocess(batch)
 
     def _explain(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: Integrated Gradients of the target class's output (logit; log-probability for mnist) from
@@ -242,14 +277,16 @@ class ImageClassifier(BaseHandler):
 
         A `describe` request (the management API's `?customized=true`) gets this model's description, an
         `explain` request (`/explanations`, KServe's `:explain`) its explanation; the other requests of the batch
-        are predicted as usual.
+        are predicted as usual, and answered before the explanation is computed.
         """
         started = time.time()
         self.context = context
         self._in_handler(len(data))
         try:
-            output = self.postprocess(self.inference(self.preprocess(data)))
+            batch = self.inference(self.preprocess(data))
+            output = self._explain_last(batch) if batch.explaining is not None else self.postprocess(batch)
         finally:
+            self.slots.release()
             self._in_handler(0)
         context.metrics.add_time("HandlerTime", round((time.time() - started) * 1000, 2), None, "ms")
         return output
@@ -276,7 +313,8 @@ class ImageClassifier(BaseHandler):
                 "input": {"shape": list(self.spec.input_shape)}, "tta": self.tta, "temperature": self.temperature,
                 "numerics": dataclasses.asdict(self.numerics), "device": str(self.device),
                 "explanations": {"method": "integrated gradients (Captum)", "baseline": "black image",
-                                 "steps": self.explain_steps, "available": self.integrated_gradients is not None},
+                                 "steps": self.explain_steps, "available": self.integrated_gradients is not None,
+                                 "workers": self.explain_workers, "answers_predictions_first": self.answers_first},
                 "limits": {k: getattr(self.limits, k) for k in Limits.__dataclass_fields__}}
 
     def _open_row(self, row: dict, idx: int, explain: bool) -> tuple[list[tuple[Any, str]], tuple, int]:
@@ -327,10 +365,14 @@ class ImageClassifier(BaseHandler):
 
     def _open(self, row: dict, idx: int) -> Any:
         """First pass over one request, headers only: DESCRIBE, or what `_open_row` returns. Raises InputError
-        for a request answered on its own."""
+        for a request answered on its own; an explanation that finds no free slot is refused before its body is
+        read, so a client that ignores Retry-After costs little."""
         if self._header(idx, "describe") == "True":
             return payload.DESCRIBE
-        return self._open_row(row, idx, explain=self._header(idx, "explain") == "True")
+        explain = self._header(idx, "explain") == "True"
+        if explain and self.integrated_gradients is not None and not self.slots.take():
+            raise self._busy_explaining(batch_has_one=False)
+        return self._open_row(row, idx, explain)
 
     def preprocess(self, data: list[dict]) -> Batch:
         """Decode every request within the batch's budgets; stack all images once and normalise them in one go.
@@ -338,12 +380,17 @@ class ImageClassifier(BaseHandler):
         Headers are read first for the whole batch; then requests are decoded cheapest first, so a small request
         batched with expensive ones is never the one that runs out of pixel budget or time. Past the batch's
         pixel budget or its deadline a request answers 503 with Retry-After, undecoded; the first request
-        decoded is always served.
+        decoded is always served. So does an explanation beyond the batch's first, or one that finds every
+        explanation slot of this version taken (handlers/explaining.py).
         """
         plans: list[Any] = []
+        explaining = False  # whether a row of this batch already is its one explanation
         for idx, row in enumerate(data):
             try:
-                plans.append(self._open(row, idx))
+                plan = self._open(row, idx)
+                if isinstance(plan, tuple) and plan[1][3]:
+                    plan, explaining = self._busy_explaining(batch_has_one=True) if explaining else plan, True
+                plans.append(plan)
             except InputError as exc:
                 plans.append(detached(exc))
             except Exception as exc:  # a request shape no rule foresaw: still this request's problem alone
@@ -351,7 +398,7 @@ class ImageClassifier(BaseHandler):
                 plans.append(detached(InputError(f"the request could not be read ({type(exc).__name__}); "
                                                  f"{payload.EXPECTED}")))
         deadline = time.monotonic() + self.limits.batch_deadline_ms / 1000
-        spent, decoded = 0, False
+        spent, decoded, explained = 0, False, None
         pixels: list[np.ndarray] = []
         for idx in sorted((i for i, plan in enumerate(plans) if isinstance(plan, tuple)), key=lambda i: plans[i][2]):
             opened, answer, cost = plans[idx]
@@ -374,37 +421,34 @@ class ImageClassifier(BaseHandler):
             spent += cost
             plans[idx] = payload.Planned(len(pixels), len(images), *answer)
             pixels.extend(images)
+            if answer[3]:
+                explained = idx
         size, channels = self.spec.image_size, self.spec.channels
         stacked = np.stack(pixels) if pixels else np.empty((0, size, size, channels), dtype=np.uint8)
         images = self.spec.normalize(torch.from_numpy(stacked).permute(0, 3, 1, 2))
+        if explained is None:
+            self.slots.release()  # taken for an explanation that was then refused or failed to decode
         return Batch(images=images, plans=plans, protocols=[payload.protocol_of(row) for row in data],
-                     deadline=deadline)
+                     explaining=explained)
+
+    def _busy_explaining(self, *, batch_has_one: bool) -> InputError:
+        why = ("this server-side batch already holds an explanation (one per batch)" if batch_has_one else
+               f"every worker of this version that may explain (handler.explain_workers = {self.explain_workers}) "
+               "is explaining another request; predictions are never kept waiting for explanations")
+        return InputError(f"{why}; send it again", status=503, error_type="Busy", retry_after=RETRY_AFTER_S)
 
     def inference(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """One forward pass (per TTA view) for every image of every request in the batch, then calibrated
         probabilities: softmax(output / T), averaged over the views.
 
         The MNIST ConvNet outputs log-probabilities; as logits they give the same softmax (softmax(log p) = p), so
-        one rule, temperature included, serves both kinds of network. Rows that asked for an explanation then get
-        Integrated Gradients for their images (`_explain`) while the batch's deadline lasts.
+        one rule, temperature included, serves both kinds of network. An explanation's images are predicted here
+        too: it explains the calibrated top label (`_explain_last`).
         """
         if len(batch.images):
             with torch.inference_mode():
                 images = batch.images.to(self.device, non_blocking=True)
                 batch.probabilities = calibrated_probabilities(self.model, images, self.tta, self.temperature).cpu()
-        explained = False
-        for idx, plan in enumerate(batch.plans):
-            if not (isinstance(plan, payload.Planned) and plan.explain):
-                continue
-            if explained and time.monotonic() > batch.deadline:  # the first explanation is always given
-                batch.plans[idx] = InputError(f"this server-side batch ran past its {self.limits.batch_deadline_ms} "
-                                              "ms deadline before reaching the explanation; send it again",
-                                              status=503, error_type="Busy", retry_after=RETRY_AFTER_S)
-                continue
-            start, count = plan.start, plan.count
-            targets = batch.probabilities[start:start + count].argmax(1)
-            batch.explanations[idx] = (*self._explain(batch.images[start:start + count], targets), targets)
-            explained = True
         return batch
 
     def _explanation(self, batch: Batch, idx: int, plan: payload.Planned, topk: list[dict[str, float]]) -> Any:
@@ -432,28 +476,31 @@ class ImageClassifier(BaseHandler):
             return {"explanations": items}
         return items[0] if plan.form == payload.SINGLE else items
 
-    def postprocess(self, batch: Batch) -> list[bytes]:
-        """One compact JSON body per request: label → probability, highest first, rounded to 6 places; a KServe
-        v2 request gets its OIP answer (labels and probabilities as [N, k] tensors), any KServe error
-        `{"error": ...}`."""
+    def _headers(self, idx: int, batch_size: int) -> None:
+        """Which version answered, and how many requests shared its server-side batch: what a rollout or a
+        batching configuration is judged by, at the cost of two short headers."""
+        self.context.set_response_content_type(idx, "application/json")
+        if self._via_grpc(idx):
+            # Every answer is complete in one message. The frontend's gRPC StreamPredictions reads this header on
+            # each response and fails the worker when it is absent; "false" ends that stream after this message.
+            # Only for gRPC: on a REST request the same header, alone, switches the frontend to a chunked response
+            # that never completes.
+            self.context.set_response_header(idx, "ts_stream_next", "false")
+        self.context.set_response_header(idx, "X-Model-Version", self.version)
+        self.context.set_response_header(idx, "X-Batch-Size", str(batch_size))
+
+    def postprocess(self, batch: Batch, rows: list[int] | None = None) -> list[bytes]:
+        """One compact JSON body per request (of `rows`, by default all): label → probability, highest first,
+        rounded to 6 places; a KServe v2 request gets its OIP answer (labels and probabilities as [N, k]
+        tensors), any KServe error `{"error": ...}`."""
         results: list[bytes] = []
         top_values = top_indices = None
         if batch.probabilities is not None:
             top_values, top_indices = batch.probabilities.topk(self.num_classes, dim=1)
             top_values, top_indices = top_values.tolist(), top_indices.tolist()
-        batch_size = str(len(batch.plans))
-        for idx, plan in enumerate(batch.plans):
-            # Which version answered, and how many requests shared its server-side batch: what a rollout or a
-            # batching configuration is judged by, at the cost of two short headers.
-            self.context.set_response_content_type(idx, "application/json")
-            if self._via_grpc(idx):
-                # Every answer is complete in one message. The frontend's gRPC StreamPredictions reads this header
-                # on each response and fails the worker when it is absent; "false" ends that stream after this
-                # message. Only for gRPC: on a REST request the same header switches the frontend to a chunked
-                # response that never completes.
-                self.context.set_response_header(idx, "ts_stream_next", "false")
-            self.context.set_response_header(idx, "X-Model-Version", self.version)
-            self.context.set_response_header(idx, "X-Batch-Size", batch_size)
+        for idx in range(len(batch.plans)) if rows is None else rows:
+            plan = batch.plans[idx]
+            self._headers(idx, len(batch.plans))
             if isinstance(plan, InputError):
                 self.context.set_response_status(plan.status, plan.phrase, idx)
                 if plan.retry_after is not None:
@@ -464,15 +511,15 @@ class ImageClassifier(BaseHandler):
             if plan == payload.DESCRIBE:
                 results.append(json.dumps(self.describe(), separators=(",", ":")).encode())
                 continue
-            rows, k = range(plan.start, plan.start + plan.count), plan.k
+            span, k = range(plan.start, plan.start + plan.count), plan.k
             if plan.form == payload.V2 and not plan.explain:
                 body: Any = oip.response(self.model_name, self.version, plan.request_id,
-                                         [[self.labels[c] for c in top_indices[i][:k]] for i in rows],
-                                         [top_values[i][:k] for i in rows])
+                                         [[self.labels[c] for c in top_indices[i][:k]] for i in span],
+                                         [top_values[i][:k] for i in span])
                 results.append(json.dumps(body, separators=(",", ":")).encode())
                 continue
             answers = [{self.labels[c]: round(p, 6) for c, p in zip(top_indices[i][:k], top_values[i][:k])}
-                       for i in rows]
+                       for i in span]
             if plan.explain:
                 results.append(json.dumps(self._explanation(batch, idx, plan, answers), separators=(",", ":")).encode())
                 continue

@@ -65,7 +65,7 @@ class Batch:
     plans: list[InputError | str | Planned]  # per request row: the InputError to answer, DESCRIBE, or its Planned
     probabilities: torch.Tensor | None = None
     protocols: list[str | None] | None = None  # per row: KSERVE or V2 when it speaks one of KServe's protocols
-    deadline: float = 0.0  # time.monotonic() past which no more work starts for this batch
+    explaining: int | None = None  # the row whose explanation this batch computes, after answering the others
     # Per explained row: ([n, H, W] attributions summed over channels, [n] completeness deltas, [n] targets).
     explanations: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 

@@ -32,9 +32,9 @@ from models.specs import SPECS
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
 from training import reference
 
-STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/imaging.py",
-                  "handlers/payload.py", "handlers/oip.py", "models/__init__.py", "models/specs.py",
-                  "models/inference.py", "models/numerics.py"]
+STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/explaining.py",
+                  "handlers/imaging.py", "handlers/payload.py", "handlers/oip.py", "models/__init__.py",
+                  "models/specs.py", "models/inference.py", "models/numerics.py"]
 REFERENCE_FILE = "reference.npz"  # the reference images a worker checks a faster numeric mode against
 CARD_FILE = "model_card.json"  # the weights' model card: accuracy, recipe, and the calibration temperatures
 

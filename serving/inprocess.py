@@ -157,6 +157,62 @@ class _Socket:
         return self.buffer.read(size)
 
 
+def decode_reply(data: bytes) -> list[tuple[str, int, dict[str, str], bytes]]:
+    """A worker's reply to a batch, as the frontend reads it: (request id, status, headers, body) per row. The
+    format is `ts.protocol.otf_message_handler.create_predict_response`'s: a code and a message, then each row's
+    id, content type, status, reason phrase, headers and body as length-prefixed fields, ended by -1."""
+    buffer, rows = io.BytesIO(data), []
+
+    def number() -> int:
+        return struct.unpack("!i", buffer.read(4))[0]
+
+    def field() -> bytes:
+        return buffer.read(number())
+
+    number(), field()  # the batch's code and message
+    while (length := number()) != -1:
+        request_id = buffer.read(length).decode()
+        field()  # content type
+        status = number()
+        field()  # reason phrase
+        headers = {field().decode(): field().decode() for _ in range(number())}
+        rows.append((request_id, status, headers, field()))
+    return rows
+
+
+class _Frontend:
+    """The worker's socket as the frontend's side of it sees one batch (`BatchAggregator.sendResponse`): replies
+    arrive until one has no row that streams on (`ts_stream_next: true`); each row is answered once, or as a
+    stream of chunks whose last one ends it. A row answered twice, or one after the batch ended, is the error
+    that makes a real frontend restart the worker, so it raises here."""
+
+    def __init__(self, ids: dict[int, str]) -> None:
+        self.ids, self.bodies, self.open, self.done = ids, {}, set(), False
+        self.replies: list[list[tuple[str, int, dict[str, str], bytes]]] = []  # every message, decoded
+
+    def sendall(self, data: bytes) -> None:
+        if self.done:
+            raise RuntimeError("the worker replied after its batch's final message")
+        streaming = False
+        self.replies.append(decode_reply(data))
+        for request_id, _, headers, body in self.replies[-1]:
+            if request_id in self.bodies and request_id not in self.open:
+                raise RuntimeError(f"request {request_id} was answered twice")
+            self.bodies[request_id] = self.bodies.get(request_id, b"") + body
+            if headers.get("ts_stream_next") == "true":
+                self.open.add(request_id)
+                streaming = True
+            else:
+                self.open.discard(request_id)
+        self.done = not streaming
+
+    def answers(self) -> list[bytes]:
+        missing = [request_id for request_id in self.ids.values() if request_id not in self.bodies]
+        if not self.done or self.open or missing:
+            raise RuntimeError(f"the batch ended with requests unanswered: {sorted(self.open) or missing}")
+        return [self.bodies[self.ids[idx]] for idx in sorted(self.ids)]
+
+
 class InProcessHandler:
     """The handler class named in an unpacked archive's manifest, initialised over a real ts.context.Context."""
 
@@ -168,6 +224,7 @@ class InProcessHandler:
         from ts.context import Context
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+        self.frontend: _Frontend | None = None  # what the frontend received for the last batch
         manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
         config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
         for key, value in (yaml_overrides or {}).items():
@@ -200,12 +257,21 @@ class InProcessHandler:
 
     def handle(self, rows: list[dict], headers: list[dict] | None = None,
                routes: str | list[str] = "predictions") -> list[bytes]:
-        """One server-side batch → the encoded bodies the worker would send back. `routes`: one for the whole
-        batch or one per row (`frontend_request` lists them)."""
-        outputs = self.handler.handle(self._new_batch(rows, headers, routes), self.context)
+        """One server-side batch → the bodies the frontend would deliver, from every message the worker sends
+        for it (the handler may answer some rows before the others). `routes`: one for the whole batch or one
+        per row (`frontend_request` lists them)."""
+        from ts.protocol.otf_message_handler import create_predict_response
+
+        worker_rows = self._new_batch(rows, headers, routes)
+        frontend = self.frontend = _Frontend(dict(self.context.request_ids))
+        self.context.cl_socket = frontend
+        outputs = self.handler.handle(worker_rows, self.context)
         if len(outputs) != len(rows):
             raise RuntimeError(f"handler returned {len(outputs)} results for {len(rows)} requests")
-        return outputs
+        # What ts.service.Service.predict sends when the handler returns, for the rows still in request_ids.
+        frontend.sendall(create_predict_response(outputs, self.context.request_ids, "Prediction success", 200,
+                                                 self.context))
+        return frontend.answers()
 
     def preprocess(self, rows: list[dict]) -> Any:
         return self.handler.preprocess(self._new_batch(rows, None, "predictions"))

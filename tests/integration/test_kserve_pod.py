@@ -275,6 +275,41 @@ def test_explain_through_kserves_server(pod):
     assert np.asarray(explanation["attributions"]).shape == (32, 32)
 
 
+def mixed(explain: tuple[str, dict], predict, predictions: int = 8) -> tuple[requests.Response, list]:
+    """One explanation and `predictions` predictions sent at once, so that they can share a server-side batch."""
+    url, kwargs = explain
+    with ThreadPoolExecutor(predictions + 1) as pool:
+        explained = pool.submit(requests.post, url, timeout=180, **kwargs)
+        predicted = [pool.submit(predict) for _ in range(predictions)]
+        return explained.result(), [future.result() for future in predicted]
+
+
+@REST
+def test_an_explanation_sharing_a_batch_answers_its_predictions_first(pod):
+    """In this stack's TorchServe the handler answers a batch's predictions before it computes the batch's
+    explanation (handlers/explaining.py): straight from TorchServe such an explanation is a chunked stream whose
+    body is whole. Through KServe's server the same mix of requests is answered whole too."""
+    direct = pod.torchserve.url("inference")
+    explain = (f"{direct}/explanations/cifar10", {"data": CAT, "headers": {"Content-Type": "image/png"}})
+    streamed = None
+    for _ in range(20):  # TorchServe forms the batches: try until one holds both kinds
+        explained, predicted = mixed(explain, lambda: requests.post(f"{direct}/predictions/cifar10", data=CAT,
+                                                                    timeout=120))
+        assert explained.status_code == 200 and [p.status_code for p in predicted] == [200] * 8, explained.text
+        if explained.headers.get("Transfer-Encoding") == "chunked":
+            streamed = explained
+            break
+    assert streamed is not None, "no explanation shared a batch with a prediction in 20 tries"
+    assert streamed.json()["label"] == "cat" and np.asarray(streamed.json()["attributions"]).shape == (32, 32)
+    for _ in range(3):
+        explained, predicted = mixed((f"{pod.http}/v1/models/cifar10:explain",
+                                      {"json": {"instances": [{"b64": b64(CAT)}]}}),
+                                     lambda: predict(pod, "cifar10", [CAT]))
+        assert explained.status_code == 200, explained.text
+        assert explained.json()["explanations"][0]["label"] == "cat"
+        assert predicted == [(200, ["cat"])] * 8
+
+
 @REST
 def test_bad_input_gets_its_own_4xx_through_this_projects_runtime(pod):
     """KServe's server (0.11.2 and 0.13.0 alike) turns every non-2xx answer of TorchServe into its own 500
