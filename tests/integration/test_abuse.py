@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -96,13 +97,23 @@ def test_expensive_requests_at_once_with_good_ones_kill_nothing(served, predict_
 
 def test_explanation_and_describe_requests_never_fail_other_clients(served):
     """2 clients on /explanations and 1 sending `describe: True` beside 13 predicting: each gets its own kind of
-    answer (explanations, the description, predictions), all 200, in shared batches."""
+    answer (explanations, the description, predictions), all 200, in shared batches. The version explains one
+    request at a time (`explain_workers: 1`): an explanation sent meanwhile answers 503 Busy with Retry-After, and
+    its client sends it again after that wait."""
     inference = served.url("inference")
+
+    def explain(session: requests.Session) -> requests.Response:
+        while True:
+            response = session.post(f"{inference}/explanations/cifar10", data=CAT, timeout=60)
+            if response.status_code != 503:
+                return response
+            assert response.json()["type"] == "Busy", response.text
+            time.sleep(float(response.headers["Retry-After"]))
 
     def client(kind: str) -> list[requests.Response]:
         session = requests.Session()
         if kind == "explain":
-            return [session.post(f"{inference}/explanations/cifar10", data=CAT, timeout=60) for _ in range(20)]
+            return [explain(session) for _ in range(20)]
         headers = {"describe": "True"} if kind == "describe" else {}
         return [session.put(f"{inference}/predictions/cifar10", data=CAT, headers=headers, timeout=60)
                 for _ in range(20)]

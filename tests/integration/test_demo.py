@@ -1,6 +1,7 @@
 """The demo page in a real headless Chromium against a real TorchServe, and the CORS rule that admits it."""
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -132,3 +133,30 @@ def test_the_page_from_another_origin_is_refused_by_the_browser(page):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_page_asks_again_while_the_version_explains_another_image(page):
+    """Every explanation slot of the server's versions is held (as a worker explaining another request holds
+    it) for 3 s: the page gets 503 Busy, says it is asking again, and shows the answer once a slot is free."""
+    require(browser.available(), "chromium and chromedriver are not installed (make browser-deps installs "
+                                 "Debian's packages)")
+    url, server = page
+    model_dirs = [manifest.parent.parent for manifest in server.run_dir.rglob("MAR-INF/MANIFEST.json")]
+    assert model_dirs, f"no unpacked archive under {server.run_dir}"
+    held = [open(directory / ".explain-slot-0.lock", "a") for directory in model_dirs]
+    for handle in held:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    release = threading.Timer(3, lambda: [handle.close() for handle in held])
+    try:
+        with browser.Browser() as chromium:
+            chromium.open(url)
+            release.start()
+            chromium.upload("#file", CAT)
+            assert "is explaining another image; asking again" in chromium.wait_for(
+                "const t = document.getElementById('status').textContent; return t.includes('again') ? t : null")
+            assert chromium.wait_for("return document.body.dataset.answeredBy") == "1.0"
+            assert chromium.wait_for(TOP_BAR) == "cat"
+    finally:
+        release.cancel()
+        for handle in held:
+            handle.close()
