@@ -86,6 +86,16 @@ def test_yaml_limits_are_the_handlers_defaults_and_fit_the_response_timeout(vers
     assert Limits().max_request_pixels <= Limits().max_batch_pixels
 
 
+@pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
+def test_a_version_with_several_workers_keeps_one_that_only_predicts(version):
+    """Explanations never hold every worker of a version that has more than one (README, Explanations): its
+    `explain_workers` is below its minWorkers. A one-worker version explains on its only worker."""
+    config = yaml.safe_load(version.config_file.read_text())
+    explain_workers = config["handler"]["explain_workers"]
+    assert explain_workers >= 1
+    assert explain_workers < config["minWorkers"] or config["maxWorkers"] == 1, config
+
+
 def test_cors_admits_the_demo_origin_only_and_prod_admits_none(tmp_path):
     """One loopback origin, which `make demo` serves the page at; `*` or a remote origin is refused by the demo
     command; the production profile names no origin, so no web page may call it."""
