@@ -72,11 +72,6 @@ class Slots:
             self.held = None
 
 
-def early_answers_supported(version: str) -> bool:
-    """Whether this TorchServe's worker is one `answer_first` was checked against (its version string)."""
-    return version in EARLY_ANSWERS_CHECKED
-
-
 def answer_first(context: Any, bodies: dict[int, bytes], pending: int) -> None:
     """Send `bodies` (row → its finished answer, whose status and headers are set on `context`) now, and open row
     `pending` as a stream whose last chunk `Service.predict` sends when the handler returns.

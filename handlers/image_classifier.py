@@ -105,7 +105,7 @@ class ImageClassifier(BaseHandler):
         self.integrated_gradients = self._integrated_gradients()
         self.explain_workers = int(config.get("explain_workers", 1))
         self.slots = explaining.Slots(model_dir, self.explain_workers)
-        self.answers_first = explaining.early_answers_supported(str(properties.get("server_version")))
+        self.answers_first = str(properties.get("server_version")) in explaining.EARLY_ANSWERS_CHECKED
         if not self.answers_first:
             logger.warning("TorchServe %s is not one this handler's early answers were checked against (%s): a "
                            "batch's predictions are answered with its explanation, after it",

@@ -1,7 +1,6 @@
 """The demo page in a real headless Chromium against a real TorchServe, and the CORS rule that admits it."""
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import requests
 
 from client import demo
+from handlers.explaining import Slots
 from serving.catalog import ROOT
 from serving.server import free_ports
 from tests import browser
@@ -143,10 +143,9 @@ def test_the_page_asks_again_while_the_version_explains_another_image(page):
     url, server = page
     model_dirs = [manifest.parent.parent for manifest in server.run_dir.rglob("MAR-INF/MANIFEST.json")]
     assert model_dirs, f"no unpacked archive under {server.run_dir}"
-    held = [open(directory / ".explain-slot-0.lock", "a") for directory in model_dirs]
-    for handle in held:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    release = threading.Timer(3, lambda: [handle.close() for handle in held])
+    held = [Slots(directory, 1) for directory in model_dirs]  # each version's one slot, as its workers see it
+    assert all(slots.take() for slots in held)
+    release = threading.Timer(3, lambda: [slots.release() for slots in held])
     try:
         with browser.Browser() as chromium:
             chromium.open(url)
@@ -158,5 +157,5 @@ def test_the_page_asks_again_while_the_version_explains_another_image(page):
             assert chromium.wait_for(TOP_BAR) == "cat"
     finally:
         release.cancel()
-        for handle in held:
-            handle.close()
+        for slots in held:
+            slots.release()
