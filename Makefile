@@ -65,10 +65,11 @@ evaluate: install  ## accuracy, confusion matrix, calibration (T into the cards)
 	$(PY) -m training.evaluate --weights models/weights/cifar10_airbench.pt $(call data_args,cifar10)
 	$(PY) -m training.evaluate --weights models/weights/mnist_convnet.pt $(call data_args,mnist)
 
-reference: install  ## the reference images each archive ships, and fp32's top-1 for them (models/weights/)
+reference: install  ## reference and int8 calibration images, fp32's top-1, ONNX Runtime modes measured (models/weights/)
 	$(PY) -m training.reference --dataset cifar10 $(call data_args,cifar10)
 	$(PY) -m training.reference --dataset mnist $(call data_args,mnist)
 	$(PY) -m serving.archive --record-fp32
+	$(PY) -m serving.quantize --record
 
 export: install  ## TorchScript and ONNX exports of the shipped weights into exports/, checked against eager
 	$(PY) -m training.export --weights models/weights/cifar10_lenet.pt models/weights/cifar10_airbench.pt \

@@ -25,6 +25,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -33,8 +34,9 @@ import torch
 
 from client.api import TorchServeClient, numerics_choice
 from models import numerics
+from models.inference import TTA_LEVELS
 from serving import archive
-from serving.catalog import ROOT, SHIPPED
+from serving.catalog import ROOT, SHIPPED, ModelVersion
 from serving.inprocess import InProcessHandler, unpack
 from serving.server import TorchServe, free_ports
 
@@ -149,20 +151,47 @@ def rss_mib(pids: list[int]) -> list[float]:
     return [round(psutil.Process(p).memory_info().rss / 2**20, 1) for p in pids if psutil.pid_exists(p)]
 
 
-ROUND2_ARCHIVE = "cifar10-2.0-round2.mar"
+ROUND2 = "cifar10-2.0-round2"
 
 
-def build_round2_archive(store: Path, tmp: Path) -> None:
-    """cifar10 2.0 with the previous round's serving settings: one worker, fp32 (numerics were not chosen)."""
+def build_variant(version: ModelVersion, store: Path, tmp: Path, name: str, onnx: bool = True,
+                  **settings: Any) -> str:
+    """`version` with some model-config settings changed (top-level ones, or `handler` ones given as a dict),
+    built as `<store>/<name>.mar`; `onnx=False` leaves the ONNX Runtime files out, so workers choose among torch's
+    modes only (the previous round's configuration)."""
     import yaml
 
-    version = next(v for v in SHIPPED if (v.model, v.version) == ("cifar10", "2.0"))
     config = yaml.safe_load(version.config_file.read_text())
-    config.update(minWorkers=1, maxWorkers=1, handler={**config["handler"], "threads": 1, "numerics": "fp32"})
-    config_file = tmp / "round2.yaml"
+    handler = {**config["handler"], **settings.pop("handler", {})}
+    config.update(settings, handler=handler)
+    config_file = tmp / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    built = archive.build(version, tmp / "round2", config_file)
-    shutil.move(built, store / ROUND2_ARCHIVE)
+    built = archive.build(version, tmp / name, config_file, onnx=onnx)
+    shutil.move(built, store / f"{name}.mar")
+    return f"{name}.mar"
+
+
+def build_variants(store: Path, tmp: Path) -> None:
+    """The archives of the comparison rows: cifar10 2.0 as round 2 served it (1 worker, fp32), as the last round
+    did (torch's modes only: ONNX Runtime is this round's), and at each TTA level; 1.0 and mnist torch-only."""
+    v1, v2, mnist = (next(v for v in SHIPPED if (v.model, v.version) == key)
+                     for key in (("cifar10", "1.0"), ("cifar10", "2.0"), ("mnist", "1.0")))
+    build_variant(v2, store, tmp, ROUND2, minWorkers=1, maxWorkers=1, handler={"threads": 1, "numerics": "fp32"})
+    build_variant(v2, store, tmp, "cifar10_v2_torch", onnx=False, handler={"tta": 0})
+    build_variant(v1, store, tmp, "cifar10_torch", onnx=False)
+    build_variant(mnist, store, tmp, "mnist_torch", onnx=False)
+    for level in TTA_LEVELS:
+        build_variant(v2, store, tmp, f"cifar10_v2_tta{level}", handler={"tta": level})
+
+
+def tta_rule(runs: dict, connections: int) -> dict:
+    """The written rule for 2.0's default TTA level: the highest level whose rate at `connections` in the chosen
+    mode is at least the last round's configuration's (torch modes, tta 0), measured in the same run."""
+    floor = runs["torchserve cifar10 2.0, last round's config (torch modes, tta 0)"][connections]["rps"]
+    rates = {level: runs[f"torchserve cifar10 2.0, tta {level}"][connections]["rps"] for level in TTA_LEVELS}
+    admitted = [level for level, rate in rates.items() if rate >= floor]
+    return {"connections": connections, "floor_rps": floor, "rps": rates,
+            "level": max(admitted) if admitted else 0}
 
 
 def served_numerics(client: TorchServeClient, model: str, version: str) -> str:
@@ -191,19 +220,39 @@ def torchserve_runs(store: Path, tmp: Path, connections: list[int], seconds: flo
         if not smoke:
             runs["torchserve cifar10 2.0"] = measure(f"{base}/cifar10/2.0", connections, seconds, pids, png_list)
             facts["numerics"]["cifar10 2.0"] = served_numerics(client, "cifar10", "2.0")
-            # The same network as the previous round served it (1 worker, 1 thread, fp32): the baseline this
-            # round's 2.0 target is a multiple of, measured on the same host in the same run.
-            client.register(ROUND2_ARCHIVE, 1, model_name="cifar10_v2_round2")
+            # The same network as round 2 served it (1 worker, 1 thread, fp32), and as the last round did (the
+            # torch modes only): the baselines this round's 2.0 targets are multiples of, same host, same run.
+            client.register(f"{ROUND2}.mar", 1, model_name="cifar10_v2_round2")
             runs["torchserve cifar10 2.0, round-2 config"] = measure(f"{base}/cifar10_v2_round2", connections,
                                                                      seconds, pids, png_list)
-            # The latency knob: with maxBatchDelay 0 the frontend never waits for company and adds at most one
-            # already-queued request to a batch (Model.pollBatch); batching off is batch size 1.
-            client.register("cifar10.mar", 2, model_name="cifar10_delay0", batch_size=8, max_batch_delay=0)
-            runs["torchserve batch 8 / 0 ms"] = measure(f"{base}/cifar10_delay0", connections, seconds, pids,
-                                                        png_list)
-            client.register("cifar10.mar", 2, model_name="cifar10_nobatch", batch_size=1)
-            runs["torchserve batching off"] = measure(f"{base}/cifar10_nobatch", connections, seconds, pids,
-                                                      png_list)
+            client.register("cifar10_v2_torch.mar", 2, model_name="cifar10_v2_torch")
+            last = "torchserve cifar10 2.0, last round's config (torch modes, tta 0)"
+            runs[last] = measure(f"{base}/cifar10_v2_torch", connections, seconds, pids, png_list)
+            facts["numerics"][last] = served_numerics(client, "cifar10_v2_torch", "2.0")
+            facts["worker_rss_mib"] = {f"{model} {version}": rss_mib([int(w["pid"]) for d in server.describe(model)
+                                                                     if d["modelVersion"] == version
+                                                                     for w in d["workers"]])
+                                       for model, version in (("cifar10", "1.0"), ("cifar10", "2.0"),
+                                                              ("cifar10_v2_torch", "2.0"))}
+            # 2.0 at each TTA level in the mode its workers choose, at the rule's connection count only.
+            rule_point = [32] if 32 in connections else connections[-1:]
+            for level in TTA_LEVELS:
+                client.register(f"cifar10_v2_tta{level}.mar", 2, model_name=f"cifar10_v2_tta{level}")
+                runs[f"torchserve cifar10 2.0, tta {level}"] = measure(f"{base}/cifar10_v2_tta{level}", rule_point,
+                                                                      seconds, pids, png_list)
+                client.unregister(f"cifar10_v2_tta{level}", "2.0", force=True)
+            facts["tta_rule"] = tta_rule(runs, rule_point[0])
+            # 1.0 and mnist in the modes their workers choose against torch's modes only.
+            client.register("cifar10_torch.mar", 2, model_name="cifar10_torch")
+            runs["torchserve cifar10 1.0, torch modes"] = measure(f"{base}/cifar10_torch", rule_point, seconds,
+                                                                  pids, png_list)
+            runs["torchserve mnist 1.0"] = measure(f"{base}/mnist", rule_point, seconds, pids, png_list)
+            facts["numerics"]["mnist 1.0"] = served_numerics(client, "mnist", "1.0")
+            client.register("mnist_torch.mar", 1, model_name="mnist_torch")
+            runs["torchserve mnist 1.0, torch modes"] = measure(f"{base}/mnist_torch", rule_point, seconds, pids,
+                                                                png_list)
+            for name in ("cifar10_torch", "mnist_torch"):
+                client.unregister(name, "1.0", force=True)
     finally:
         server.stop()
     return runs, facts
@@ -260,7 +309,13 @@ def markdown(report: dict) -> str:
     facts = report["facts"]
     lines += [f"Cold start (start → first 200): {facts['cold_start_s']} s; "
               f"archive build: {facts['archive_build_s']} s; "
-              f"cifar10 worker RSS: {facts.get('worker_rss_mib')} MiB."]
+              f"worker RSS (MiB): {facts.get('worker_rss_mib')}."]
+    if "tta_rule" in facts:
+        rule = facts["tta_rule"]
+        lines += [f"TTA rule (2.0, {rule['connections']} connections): the highest level serving at least the last "
+                  f"round's configuration's {rule['floor_rps']:.0f} req/s; measured "
+                  + ", ".join(f"tta {level} {rate:.0f}" for level, rate in rule["rps"].items())
+                  + f" req/s → tta {rule['level']}."]
     lines += [f"**{name} did not run**: {reason}" for name, reason in report["failed"].items()] + [""]
     return "\n".join(lines)
 
@@ -309,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         for version in SHIPPED[1:]:
             archive.build(version, store)
         if not args.smoke:
-            build_round2_archive(store, tmp)
+            build_variants(store, tmp)
         ceiling_rates = ceiling(unpack(store / SHIPPED[0].archive_name, tmp / "unpacked"), pngs,
                                 0.5 if args.smoke else 3.0)
         runs, facts = torchserve_runs(store, tmp, args.connections, seconds, tmp / "png" / "list.txt", pngs[0],

@@ -37,7 +37,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers import explaining, oip, payload
 from handlers.imaging import InputError, Limits, decode_opened, open_image
 from handlers.payload import Batch
-from models import numerics
+from models import numerics, onnx_runtime
 from models.inference import calibrated_probabilities
 from models.specs import DatasetSpec
 
@@ -89,11 +89,17 @@ class ImageClassifier(BaseHandler):
         model = self._load_model(model_dir)
         if config.get("fold_batchnorm", False) and hasattr(model, "fold_batchnorm"):
             model.fold_batchnorm()  # exact in eval mode; opt-in, as it measured no faster on this CPU
-        self.model, self.numerics = self._numerics(model, model_dir, str(config.get("numerics", "auto")), batch_size)
         self.tta = int(config.get("tta", 0))
         if self.tta not in self.spec.tta_levels:
             raise ValueError(f"handler.tta must be one of {self.spec.tta_levels} for {self.spec.name} (levels above 0 "
                              f"average over mirror images), got {self.tta}")
+        onnx = numerics.OnnxFiles(model_dir, threads, self.tta)
+        self.model, self.numerics = self._numerics(model, model_dir, str(config.get("numerics", "auto")), batch_size,
+                                                   onnx)
+        # Explanations need gradients, so they run in torch float32 whatever serves predictions: the torch mode
+        # chosen, or for an ONNX Runtime mode the same arithmetic in channels_last (faster on a CPU, measured).
+        self.explainer = (self.model if isinstance(self.model, numerics.Runner) else
+                          numerics.Runner(model, "fp32-cl" if self.device.type == "cpu" else "fp32", self.device))
         self.temperature = self._temperature(model_dir)
         self.labels = self._labels(model_dir)
         self.num_classes = len(self.labels)
@@ -132,8 +138,8 @@ class ImageClassifier(BaseHandler):
             return torch.device(f"cuda:{gpu_id}")
         return torch.device("cpu")
 
-    def _numerics(self, model: torch.nn.Module, model_dir: Path, requested: str,
-                  batch_size: int) -> tuple[numerics.Runner, numerics.Choice]:
+    def _numerics(self, model: torch.nn.Module, model_dir: Path, requested: str, batch_size: int,
+                  onnx: numerics.OnnxFiles) -> tuple[numerics.AnyRunner, numerics.Choice]:
         """The network wrapped in the numeric mode to serve with (models/numerics.py): as configured, or measured
         on this host against the archive's reference images, once per version (its workers share the result).
         An archive without reference images serves fp32."""
@@ -144,10 +150,10 @@ class ImageClassifier(BaseHandler):
             return (numerics.Runner(model, "fp32", self.device),
                     numerics.Choice("fp32", "no reference images", batch_size=batch_size))
         if requested != "auto":
-            return numerics.choose(model, self.device, requested, torch.empty(0), batch_size)
+            return numerics.choose(model, self.device, requested, torch.empty(0), batch_size, onnx=onnx)
         images, _, fp32_top1 = numerics.load_reference(reference_file)
         return numerics.choose_once(model_dir / ".numerics.json", model, self.device, self.spec.normalize(images),
-                                    batch_size, expected=fp32_top1)
+                                    batch_size, expected=fp32_top1, onnx=onnx)
 
     def _integrated_gradients(self) -> Any:
         """Captum's Integrated Gradients over the network in float32 (whatever mode predictions use: gradients in
@@ -158,9 +164,9 @@ class ImageClassifier(BaseHandler):
         except ImportError:
             logger.warning("captum is not installed: /explanations will answer 501")
             return None
-        for parameter in self.model.parameters():
+        runner = self.explainer
+        for parameter in runner.parameters():
             parameter.requires_grad_(False)  # only the input's gradient is needed; serving never trains
-        runner = self.model
         return IntegratedGradients(lambda x: runner.model(x.contiguous(memory_format=runner.memory_format)))
 
     def _explain_last(self, batch: Batch) -> list[bytes]:
@@ -202,12 +208,15 @@ class ImageClassifier(BaseHandler):
         return attributions.sum(1).detach().cpu(), delta.detach().cpu()
 
     def _temperature(self, model_dir: Path) -> float:
-        """T for this TTA level from the archive's model card (training/calibration.py fits it on the validation
-        split). An archive built from a card without calibration serves T = 1, the uncalibrated softmax, and says
-        so in its log."""
+        """T for this TTA level and numeric mode: an ONNX Runtime mode's own from the archive's numerics.json
+        (int8's logits differ, so the build fitted its T on the validation split, serving/quantize.py), any other
+        mode's from the model card (training/calibration.py fits it there). An archive built from a card without
+        calibration serves T = 1, the uncalibrated softmax, and says so in its log."""
         card_file = model_dir / "model_card.json"
         card = json.loads(card_file.read_text()) if card_file.exists() else {}
         fitted = card.get("calibration", {}).get("levels", {}).get(str(self.tta))
+        if self.numerics.mode in numerics.ORT_MODES:
+            fitted = onnx_runtime.shipped(model_dir)[self.numerics.mode].get("levels", {}).get(str(self.tta), fitted)
         if fitted is None:
             logger.warning("%s %s is not calibrated (no temperature for tta %d in %s): its probabilities are the "
                            "raw softmax", self.spec.name, self.manifest["model"].get("modelVersion", ""), self.tta,

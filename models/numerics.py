@@ -10,7 +10,17 @@ Modes:
     fp32      contiguous NCHW float32: the reference every other mode is checked against;
     fp32-cl   float32 in channels_last (NHWC) memory format: oneDNN's blocked kernels, same arithmetic;
     bf16      channels_last under bfloat16 autocast: a candidate only where the hardware computes bf16 natively
-              (AMX or AVX512-BF16 on a CPU, a CUDA device that supports it); logits come back as float32.
+              (AMX or AVX512-BF16 on a CPU, a CUDA device that supports it); logits come back as float32;
+    ort-fp32, ort-int8
+              ONNX Runtime on the archive's ONNX files (models/onnx_runtime.py), on a CPU where onnxruntime
+              imports: candidates only when the build measured them on the validation split.
+
+The rule, in full: a mode is served only if its top-1 agrees with fp32's on at least MIN_AGREEMENT of the
+reference images (checked here, on this host's kernels) and, for a mode whose arithmetic differs from fp32's (the
+ORT modes, int8 above all), its accuracy on the whole validation split, measured when the archive was built, is
+within MAX_ACCURACY_DROP of fp32's; of those, the fastest that beats fp32 by more than MIN_GAIN. fp32-cl computes
+fp32's arithmetic in another layout, and bf16's accuracy is not measured at build (emulated bf16 runs 5-12x slower
+on the hosts without it): for both the agreement check is the rule.
 """
 from __future__ import annotations
 
@@ -19,17 +29,26 @@ import copy
 import fcntl
 import functools
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-MODES = ("fp32", "fp32-cl", "bf16")
-REQUESTS = ("auto", *MODES)
-MIN_AGREEMENT = 0.995  # top-1 agreement with fp32 on the reference images a mode needs to be served
+from models import onnx_runtime
+
+logger = logging.getLogger(__name__)
+
+MODES = ("fp32", "fp32-cl", "bf16")  # torch's
+ORT_MODES = tuple(onnx_runtime.FILES)
+REQUESTS = ("auto", *MODES, *ORT_MODES)
+MIN_AGREEMENT = 0.99  # top-1 agreement with fp32 on the reference images a mode needs to be served
+MAX_ACCURACY_DROP = 0.003  # validation accuracy a mode may lose against fp32 (0.3 points), measured at build
 MIN_GAIN = 1.05  # a mode replaces a more exact one only when faster by more than timing noise (5%)
 TIMING_ROUNDS = 5  # interleaved rounds per candidate (see _images_per_s)
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -77,7 +96,7 @@ class Runner(nn.Module):
 
     def __init__(self, model: nn.Module, mode: str, device: torch.device) -> None:
         super().__init__()
-        if mode not in MODES:
+        if mode not in MODES:  # the ORT modes are onnx_runtime.OrtRunner
             raise ValueError(f"numerics must be one of {REQUESTS}, got {mode!r}")
         self.mode = mode
         self.device_type = device.type
@@ -98,6 +117,8 @@ class Choice:
     chosen_by: str  # "auto" (measured here) or "config" (handler.numerics in the model-config YAML)
     images_per_s: dict[str, float] = field(default_factory=dict)  # per candidate, at the worker's batch size
     agreement: dict[str, float] = field(default_factory=dict)  # top-1 agreement with fp32 on the reference set
+    accuracy: dict[str, float] = field(default_factory=dict)  # validation accuracy at the served TTA level (build)
+    refused: dict[str, str] = field(default_factory=dict)  # candidates not timed, and why
     seconds: float = 0.0
     isa: list[str] = field(default_factory=isa)
     batch_size: int = 0  # the server-side batch the candidates were timed at (the worker's, from TorchServe)
@@ -106,11 +127,14 @@ class Choice:
         timed = ", ".join(f"{mode} {rate:.0f} img/s" for mode, rate in self.images_per_s.items())
         agreed = ", ".join(f"{mode} {share:.1%}" for mode, share in self.agreement.items())
         timed = f"{timed} at batch {self.batch_size}" if timed else "not timed"
+        accuracy = ", ".join(f"{mode} {share:.2%}" for mode, share in self.accuracy.items())
+        refused = "".join(f"; {mode} not a candidate: {why}" for mode, why in self.refused.items())
         return (f"numerics {self.mode} ({self.chosen_by}; {timed}; top-1 agreement with fp32: "
-                f"{agreed or 'not checked'}; {self.seconds:.1f} s; ISA {' '.join(self.isa) or 'unknown'})")
+                f"{agreed or 'not checked'}; validation accuracy: {accuracy or 'not measured'}{refused}; "
+                f"{self.seconds:.1f} s; ISA {' '.join(self.isa) or 'unknown'})")
 
 
-def _images_per_s(runners: dict[str, Runner], batch: torch.Tensor, seconds: float) -> dict[str, float]:
+def _images_per_s(runners: dict[str, Any], batch: torch.Tensor, seconds: float) -> dict[str, float]:
     """Images per second of each runner, for a one-thread worker on a CPU per second of its own CPU time: the
     candidates are measured while a version's other workers, and other versions', start beside this one, and on
     two cores a wall clock then mostly measures who else was running. Measured so, start-ups of `make bench` chose
@@ -135,27 +159,83 @@ def _images_per_s(runners: dict[str, Runner], batch: torch.Tensor, seconds: floa
     return best
 
 
-def top1(runner: Runner, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+AnyRunner = Union[Runner, onnx_runtime.OrtRunner]
+
+
+def top1(runner: AnyRunner, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     with torch.inference_mode():
         return torch.cat([runner(images[i:i + batch_size]).argmax(1).cpu()
                           for i in range(0, len(images), batch_size)])
 
 
+@dataclass
+class OnnxFiles:
+    """The ORT modes an archive ships, as this worker may run them: `threads` intra-op threads (the worker's
+    torch threads), judged at TTA level `tta` (the served level: accuracy with test-time augmentation is what
+    clients get)."""
+
+    model_dir: Path
+    threads: int
+    tta: int
+
+    def candidates(self, device: torch.device) -> tuple[dict[str, Callable[[], onnx_runtime.OrtRunner]],
+                                                         dict[str, float], dict[str, str]]:
+        """(mode → a function that loads its session, mode → validation accuracy, mode → why it is not a
+        candidate) under the accuracy rule."""
+        shipped = onnx_runtime.shipped(self.model_dir)
+        if not shipped:
+            return {}, {}, {}
+        if device.type != "cpu":
+            return {}, {}, dict.fromkeys(shipped, f"ONNX Runtime runs on the CPU here, this worker on {device}")
+        if onnx_runtime.onnxruntime_version() is None:
+            return {}, {}, dict.fromkeys(shipped, "onnxruntime is not installed in this image")
+        fp32 = (onnx_runtime.fp32_numbers(self.model_dir) or {}).get("levels", {}).get(str(self.tta))
+        loaders, accuracy, refused = {}, {}, {}
+        for mode, numbers in shipped.items():
+            measured = numbers.get("levels", {}).get(str(self.tta))
+            if fp32 is None or measured is None:
+                refused[mode] = f"its validation accuracy at tta {self.tta} was not measured when the archive was built"
+                continue
+            accuracy[mode] = measured["accuracy"]
+            if measured["accuracy"] < fp32["accuracy"] - MAX_ACCURACY_DROP - 1e-9:
+                refused[mode] = (f"validation accuracy {measured['accuracy']:.2%} against fp32's "
+                                 f"{fp32['accuracy']:.2%} (at most {MAX_ACCURACY_DROP:.1%} lower)")
+                continue
+            loaders[mode] = functools.partial(onnx_runtime.OrtRunner, mode,
+                                              self.model_dir / onnx_runtime.FILES[mode], self.threads)
+        return loaders, accuracy, refused
+
+
 def choose(model: nn.Module, device: torch.device, requested: str, reference: torch.Tensor, batch_size: int,
-           seconds: float = 0.3, expected: torch.Tensor | None = None) -> tuple[Runner, Choice]:
+           seconds: float = 0.3, expected: torch.Tensor | None = None,
+           onnx: OnnxFiles | None = None) -> tuple[AnyRunner, Choice]:
     """The runner to serve with: `requested` as configured, or for "auto" the fastest candidate (faster than fp32
     by more than MIN_GAIN, else fp32 itself) whose top-1 agrees with fp32 on at least MIN_AGREEMENT of `reference`
-    (normalised float images). Timed on batches of `batch_size`, the worker's server-side batch. `expected`: fp32's
-    top-1 for `reference` when the archive ships it (computed when it was built), else computed here."""
+    (normalised float images); the ORT modes of `onnx` are candidates if their validation accuracy passes the rule.
+    Timed on batches of `batch_size`, the worker's server-side batch. `expected`: fp32's top-1 for `reference` when
+    the archive ships it (computed when it was built), else computed here."""
     if requested not in REQUESTS:
         raise ValueError(f"handler.numerics must be one of {REQUESTS}, got {requested!r}")
     start = time.perf_counter()
+    loaders, accuracy, refused = onnx.candidates(device) if onnx is not None else ({}, {}, {})
     if requested != "auto":
-        return Runner(model, requested, device), Choice(requested, "config", batch_size=batch_size)
+        if requested in MODES:
+            return Runner(model, requested, device), Choice(requested, "config", batch_size=batch_size)
+        # A configured ORT mode is the operator's decision, the accuracy rule notwithstanding; only a worker that
+        # cannot run it (no onnxruntime, a GPU, an archive without the file) serves fp32, and says why.
+        why = refused.get(requested, "the archive has no ONNX files (built before ONNX Runtime modes)")
+        if requested in loaders or (requested in accuracy and device.type == "cpu"):
+            runner = onnx_runtime.OrtRunner(requested, onnx.model_dir / onnx_runtime.FILES[requested], onnx.threads)
+            return runner, Choice(requested, "config", accuracy=accuracy, refused=refused, batch_size=batch_size)
+        logger.warning("handler.numerics is %s, which this worker cannot run (%s): serving fp32", requested, why)
+        return Runner(model, "fp32", device), Choice("fp32", f"config asked for {requested}, unavailable: {why}",
+                                                     refused={requested: why}, batch_size=batch_size)
     batch = reference[:batch_size].to(device)
-    runners = {mode: Runner(copy.deepcopy(model), mode, device) for mode in candidates(device)}
+    runners: dict[str, AnyRunner] = {mode: Runner(copy.deepcopy(model), mode, device) for mode in candidates(device)}
+    runners.update({mode: load() for mode, load in loaders.items()})
     rates = _images_per_s(runners, batch, seconds)
-    choice = Choice("fp32", "auto", {mode: round(rate, 1) for mode, rate in rates.items()}, batch_size=batch_size)
+    choice = Choice("fp32", "auto", {mode: round(rate, 1) for mode, rate in rates.items()}, accuracy=accuracy,
+                    refused=refused, batch_size=batch_size)
     for mode in sorted(rates, key=rates.get, reverse=True):
         if mode == "fp32" or rates[mode] < MIN_GAIN * rates["fp32"]:
             break
@@ -166,22 +246,33 @@ def choose(model: nn.Module, device: torch.device, requested: str, reference: to
             choice.mode = mode
             break
     choice.seconds = round(time.perf_counter() - start, 2)
-    return runners[choice.mode], choice
+    return runners[choice.mode], choice  # the others' sessions and copies are freed with `runners`
+
+
+def serve_as(mode: str, model: nn.Module, device: torch.device, onnx: OnnxFiles | None) -> AnyRunner:
+    """The runner of a mode another worker of this version chose (choose_once)."""
+    if mode in ORT_MODES and onnx is not None:
+        return onnx_runtime.OrtRunner(mode, onnx.model_dir / onnx_runtime.FILES[mode], onnx.threads)
+    return Runner(model, mode, device)
 
 
 def choose_once(record: Path, model: nn.Module, device: torch.device, reference: torch.Tensor,
-                batch_size: int, expected: torch.Tensor | None = None) -> tuple[Runner, Choice]:
+                batch_size: int, expected: torch.Tensor | None = None,
+                onnx: OnnxFiles | None = None) -> tuple[AnyRunner, Choice]:
     """`choose(..., "auto", ...)` once per version and host: the first worker measures and writes `record` (in the
     model directory TorchServe unpacks once per version, under a file lock), the others serve the same mode. So
     every worker of a version answers with the same numerics, whichever one a request reaches, and a second
-    worker's start-up costs no measuring. A record from another host, device, torch or batch size is measured
-    again; a read-only model directory falls back to measuring in each worker."""
+    worker's start-up costs no measuring. A record from another host, device, torch, onnxruntime, TTA level,
+    set of ONNX files or batch size is measured again; a read-only model directory falls back to measuring in
+    each worker."""
     key = {"cpu": cpu_model(), "isa": isa(), "device": str(device), "torch": torch.__version__,
+           "onnxruntime": onnx_runtime.onnxruntime_version(), "tta": onnx.tta if onnx else None,
+           "onnx_modes": sorted(onnx_runtime.shipped(onnx.model_dir)) if onnx else [],
            "batch_size": batch_size, "reference_images": len(reference)}
     try:
         lock = open(record.with_name(record.name + ".lock"), "a")
     except OSError:
-        return choose(model, device, "auto", reference, batch_size, expected=expected)
+        return choose(model, device, "auto", reference, batch_size, expected=expected, onnx=onnx)
     with lock:  # closing it releases the lock
         fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -189,8 +280,8 @@ def choose_once(record: Path, model: nn.Module, device: torch.device, reference:
             if saved["key"] == key:
                 choice = Choice(**saved["choice"])
                 choice.chosen_by = "auto, measured by the version's first worker"
-                return Runner(model, choice.mode, device), choice
-        runner, choice = choose(model, device, "auto", reference, batch_size, expected=expected)
+                return serve_as(choice.mode, model, device, onnx), choice
+        runner, choice = choose(model, device, "auto", reference, batch_size, expected=expected, onnx=onnx)
         with contextlib.suppress(OSError):
             record.write_text(json.dumps({"key": key, "choice": asdict(choice)}))
         return runner, choice

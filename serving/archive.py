@@ -7,8 +7,9 @@ An archive holds the model file, the weights, the handler, the model-config YAML
 `handlers/` and `models/` modules the handler imports (kept as packages, so the same import lines work in the
 repository and in the worker), `index_to_name.json`, the data set's reference images with fp32's top-1 for them
 (`reference.npz`, see training/reference.py and models/numerics.py) and the weights' model card
-(`model_card.json`, whose calibration section gives the temperature the handler divides logits by). Each archive
-gets a `.sha256` file beside it, which `make serve` checks before it starts.
+(`model_card.json`, whose calibration section gives the temperature the handler divides logits by), and the
+network as ONNX Runtime runs it: `model.onnx`, `model.int8.onnx` and what they measured, `numerics.json`
+(serving/quantize.py). Each archive gets a `.sha256` file beside it, which `make serve` checks before it starts.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +31,13 @@ from models import zoo
 from models.checksum import sha256_of
 from models.numerics import Runner, cpu_model, isa, load_reference, top1
 from models.specs import SPECS
+from serving import quantize
 from serving.catalog import HANDLERS, ROOT, SHIPPED, ModelVersion
 from training import reference
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/explaining.py",
                   "handlers/imaging.py", "handlers/payload.py", "handlers/oip.py", "models/__init__.py",
-                  "models/specs.py", "models/inference.py", "models/numerics.py"]
+                  "models/specs.py", "models/inference.py", "models/numerics.py", "models/onnx_runtime.py"]
 REFERENCE_FILE = "reference.npz"  # the reference images a worker checks a faster numeric mode against
 CARD_FILE = "model_card.json"  # the weights' model card: accuracy, recipe, and the calibration temperatures
 
@@ -79,34 +82,38 @@ def record_fp32_top1(version: ModelVersion) -> Path:
     return path
 
 
-def write_reference(model: str, weights: Path, arch: zoo.Architecture, dest: Path) -> None:
+def write_reference(model: str, weights: Path, arch: zoo.Architecture, dest: Path) -> np.ndarray:
     """The data set's reference images plus fp32's top-1 for them with these weights: a worker checks a faster
     numeric mode against that answer without running fp32 over the images at every start (models/numerics.py).
-    The committed record is used where it was made for these weights; other weights are computed on this host."""
+    The committed record is used where it was made for these weights; other weights are computed on this host.
+    Returns fp32's top-1."""
     images, labels, _ = load_reference(reference.path_for(model))
     fp32 = recorded_fp32_top1(model, weights)
     if fp32 is None:
         fp32 = computed_fp32_top1(model, weights, arch, images)
     np.savez_compressed(dest, images=images.numpy(), labels=labels.numpy(), fp32_top1=fp32)
+    return fp32
 
 
-def stage_extra_files(model: str, dest: Path, weights: Path, arch: zoo.Architecture) -> Path:
-    """The folder passed as --extra-files: its contents land at the archive's root."""
+def stage_extra_files(model: str, dest: Path, weights: Path, arch: zoo.Architecture, onnx: bool = True) -> dict:
+    """Fill the folder passed as --extra-files (its contents land at the archive's root); returns what
+    numerics.json says about the ONNX files (empty with `onnx=False`: an archive that serves torch only)."""
     for relative in STAGED_MODULES:
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, target)
-    write_reference(model, weights, arch, dest / REFERENCE_FILE)
+    fp32 = write_reference(model, weights, arch, dest / REFERENCE_FILE)
     card = weights.with_suffix(".json")
     if card.exists():  # the handler takes its temperature from the card's calibration section
         shutil.copy2(card, dest / CARD_FILE)
     labels = {str(i): name for i, name in enumerate(SPECS[model].classes)}
     (dest / "index_to_name.json").write_text(json.dumps(labels, indent=1) + "\n")
-    return dest
+    return quantize.build(model, weights, arch, dest, fp32) if onnx else {}
 
 
-def build(version: ModelVersion, export_path: Path, config_file: Path | None = None) -> Path:
-    """Write `<export_path>/<archive_name>` and its `.sha256`; rebuilding replaces both."""
+def build(version: ModelVersion, export_path: Path, config_file: Path | None = None, onnx: bool = True) -> Path:
+    """Write `<export_path>/<archive_name>` and its `.sha256`; rebuilding replaces both. `onnx=False` leaves the
+    ONNX Runtime files out (the benchmark's row for the torch-only configuration)."""
     arch = zoo.get(version.arch)
     if arch.dataset != version.model:
         raise ValueError(f"--arch {version.arch} is a {arch.dataset} network, not a {version.model} one")
@@ -114,7 +121,8 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
         raise FileNotFoundError(f"weights not found: {version.weights}")
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
-        extra = stage_extra_files(version.model, Path(tmp) / "extra", version.weights, arch)
+        extra = Path(tmp) / "extra"
+        stage_extra_files(version.model, extra, version.weights, arch, onnx)
         out_dir = Path(tmp) / "out"
         out_dir.mkdir()
         # The archiver stages files in $TMPDIR/<model-name>/, a path shared by every build of that model on the
@@ -134,6 +142,15 @@ def build(version: ModelVersion, export_path: Path, config_file: Path | None = N
         shutil.move(out_dir / f"{version.model}.mar", target)
     target.with_name(target.name + ".sha256").write_text(f"{sha256_of(target)}  {target.name}\n")
     return target
+
+
+def shipped_numerics(target: Path, config_file: Path) -> str:
+    """What the archive's numerics.json says, at the TTA level its YAML serves."""
+    import yaml
+
+    tta = int((yaml.safe_load(config_file.read_text()).get("handler") or {}).get("tta", 0))
+    with zipfile.ZipFile(target) as mar:
+        return quantize.summary(json.loads(mar.read("numerics.json")), tta)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         target = build(version, args.export_path, args.config_file)
         print(f"{target.relative_to(Path.cwd()) if target.is_relative_to(Path.cwd()) else target}: "
               f"{version.model} {version.version} ({version.arch}), {target.stat().st_size / 1024:.0f} KiB, "
-              f"{time.perf_counter() - start:.1f} s")
+              f"{time.perf_counter() - start:.1f} s;\n  "
+              f"{shipped_numerics(target, args.config_file or version.config_file)}")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,7 @@ class InProcessHandler:
         from ts.context import Context
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
+        self.model_dir = model_dir
         self.frontend: _Frontend | None = None  # what the frontend received for the last batch
         manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
         config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())

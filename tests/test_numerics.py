@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import numerics, zoo
+from models import numerics, onnx_runtime, zoo
 from models.specs import SPECS
 from serving.catalog import SHIPPED
 from tests import reference, standin
@@ -139,7 +139,8 @@ def test_a_worker_reports_the_mode_it_chose_and_serves_with_it(harness, version)
         return
     cpu = torch.device("cpu")
     assert described["chosen_by"].startswith("auto") and described["isa"] == numerics.isa()
-    assert set(described["images_per_s"]) == set(numerics.candidates(cpu))
+    ort = set(onnx_runtime.shipped(h.model_dir)) - set(described["refused"])  # those the accuracy rule admitted
+    assert set(described["images_per_s"]) == set(numerics.candidates(cpu)) | ort
     assert described["batch_size"] == h.context.system_properties["batch_size"]
     rates, agreement = described["images_per_s"], described["agreement"]
     winners = [mode for mode in rates if mode != "fp32" and rates[mode] >= numerics.MIN_GAIN * rates["fp32"]]

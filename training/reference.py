@@ -1,4 +1,5 @@
-"""The reference images shipped in every archive: a fixed sample of the held-out validation split.
+"""The reference images shipped in every archive (a fixed sample of the held-out validation split), and the images
+int8 quantization is calibrated on (a fixed slice of the training split).
 
     python -m training.reference --dataset cifar10 --data-source npz --data-path ../shared/data/cifar10_train.npz
 
@@ -6,6 +7,10 @@ A worker checks a faster numeric mode against fp32 on these images before it ser
 (`models/numerics.py`). They are the first REFERENCE_SIZE images of the validation split (already a seeded
 permutation, so a class-balanced sample in expectation), never seen in training, and live in
 `models/weights/<dataset>_reference.npz` so that `make archive` on a clone without the data still ships them.
+
+The calibration images are the first CALIBRATION_SIZE training images of the same permutation (never the
+validation split that judges the quantized model, never the held-out test set), with their indices into the
+training file; committed as `models/weights/<dataset>_calibration.npz` for the same reason (serving/quantize.py).
 """
 from __future__ import annotations
 
@@ -18,11 +23,24 @@ from models.specs import SPECS
 from models.zoo import WEIGHTS_DIR
 from training import data
 
-REFERENCE_SIZE = 400  # 99.5% agreement then allows 2 disagreements; fp32 on 400 images costs ~2 s (2.0, Zen 3)
+REFERENCE_SIZE = 400  # 99% agreement then allows 4 disagreements; fp32 on 400 images costs ~2 s (2.0, Zen 3)
+CALIBRATION_SIZE = 512  # int8 activation ranges: 512 gave the same agreement as more (../shared/notes/round3.md)
 
 
 def path_for(dataset: str) -> Path:
     return WEIGHTS_DIR / f"{dataset}_reference.npz"
+
+
+def calibration_path_for(dataset: str) -> Path:
+    return WEIGHTS_DIR / f"{dataset}_calibration.npz"
+
+
+def calibration_set(dataset: str, source: str, path: Path, val_size: int = 5000,
+                    count: int = CALIBRATION_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 N×C×H×W images, their indices into the training file): the first `count` of the training split."""
+    images, labels = data.load(dataset, source, path)
+    train_idx, _ = data.validation_indices(len(labels), val_size)
+    return images[train_idx[:count]].numpy(), train_idx[:count]
 
 
 def reference_set(dataset: str, source: str, path: Path, val_size: int = 5000,
@@ -46,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or path_for(args.dataset)
     np.savez_compressed(out, images=images, labels=labels)
     print(f"{out}: {len(images)} validation images, {out.stat().st_size / 1024:.0f} KiB")
+    if args.out is None:
+        images, indices = calibration_set(args.dataset, args.data_source, args.data_path)
+        out = calibration_path_for(args.dataset)
+        np.savez_compressed(out, images=images, train_indices=indices)
+        print(f"{out}: {len(images)} training images (int8 calibration), {out.stat().st_size / 1024:.0f} KiB")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ scaling, metrics, the production profile and the client CLI."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 import requests
 import torch
 
+from serving import archive
 from serving.catalog import ROOT, SHIPPED
 from tests.answers import same
 from tests.integration.conftest import describe, served_tolerance
@@ -403,16 +406,16 @@ def test_served_probabilities_equal_the_calibrated_in_process_ones(served, predi
     from client.api import TorchServeClient
     from handlers.imaging import Limits, decode_image
     from models.inference import calibrated_probabilities
-    from models.numerics import Runner
     from models.specs import SPECS
     from tests import images, reference
 
     spec = SPECS[version.model]
     described = TorchServeClient(management_url=served.url("management")).handler_description(
         version.model, version.version)
-    tta, temperature = reference.tta(version), reference.temperature(version)  # the YAML's and the card's
+    mode = described["numerics"]["mode"]
+    tta, temperature = reference.tta(version), reference.temperature(version, mode)  # the YAML's; card's or record's
     assert (described["tta"], described["temperature"]) == (tta, temperature)
-    runner = Runner(reference.network(version), described["numerics"]["mode"], torch.device("cpu"))
+    runner = reference.runner(version, mode)
     pictures = ([images.digit(), images.digit(dark_on_light=True)] if spec.channels == 1
                 else [images.noise(32, 32, seed=i) for i in range(3)] + [CAT, HORSE])
     threads = torch.get_num_threads()
@@ -431,3 +434,44 @@ def test_served_probabilities_equal_the_calibrated_in_process_ones(served, predi
             torch.testing.assert_close(served_probs, expected, atol=1e-6, rtol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_int8_served_by_torchserve_equals_in_process_int8(served, predict_url, validation_split, tmp_path):
+    """cifar10 2.0 with `handler.numerics: ort-int8` on a real TorchServe: 64 validation PNGs from 8 clients at once
+    (batches of any size up to 8) get int8's probabilities as an int8 session built here from the shipped weights
+    computes them, with int8's own temperature, within 1e-6 (rounded to 6 places; ONNX Runtime gave bitwise equal
+    answers at every batch size, tests/answers.py), whatever mode this host's `auto` would choose."""
+    import yaml
+
+    from client.api import TorchServeClient
+    from models.specs import CIFAR10
+    from tests import images, reference
+
+    version = next(v for v in SHIPPED if (v.model, v.version) == ("cifar10", "2.0"))
+    config = yaml.safe_load(version.config_file.read_text())
+    config.update(minWorkers=1, maxWorkers=1, handler={**config["handler"], "numerics": "ort-int8"})
+    (tmp_path / "int8.yaml").write_text(yaml.safe_dump(config))
+    built = archive.build(version, tmp_path / "built", tmp_path / "int8.yaml")
+    target = served.model_store / "cifar10_int8.mar"
+    shutil.copy(built, target)
+    shutil.copy(built.with_name(built.name + ".sha256"), target.with_name(target.name + ".sha256"))
+    client = TorchServeClient(management_url=served.url("management"), timeout=120)
+    try:
+        client.register(target.name, 1, model_name="cifar10_int8")
+        described = client.handler_description("cifar10_int8", "2.0")
+        assert (described["numerics"]["mode"], described["numerics"]["chosen_by"]) == ("ort-int8", "config")
+        assert described["temperature"] == reference.temperature(version, "ort-int8")
+        val_images, _ = validation_split("cifar10")
+        pngs = [images.encode(img.permute(1, 2, 0).numpy()) for img in val_images[:64]]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda png: requests.put(predict_url("cifar10_int8"), data=png,
+                                                               headers={"X-TopK": "10"}, timeout=60), pngs))
+        assert all(r.status_code == 200 for r in responses)
+        served_probs = torch.tensor([[r.json()[label] for label in CIFAR10.classes] for r in responses])
+        expected = reference.probabilities(version, "ort-int8", CIFAR10.normalize(val_images[:64]), batch_size=8)
+        torch.testing.assert_close(served_probs, expected.float(), atol=1e-6, rtol=0)
+    finally:
+        with contextlib.suppress(Exception):
+            client.unregister("cifar10_int8", "2.0", force=True)
+        target.unlink()
+        target.with_name(target.name + ".sha256").unlink()
