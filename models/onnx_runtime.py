@@ -65,20 +65,19 @@ class OrtRunner:
         return torch.from_numpy(self.session.run([OUTPUT], {INPUT: array})[0])
 
 
+def numbers(model_dir: Path) -> dict:
+    """The archive's numerics.json ({} for an archive built before it)."""
+    numbers_file = model_dir / NUMBERS_FILE
+    return json.loads(numbers_file.read_text()) if numbers_file.is_file() else {}
+
+
 def shipped(model_dir: Path) -> dict[str, dict]:
     """The ORT modes an archive ships (file present and measured at build): mode → its numbers from
     numerics.json. Empty for an archive built before them."""
-    numbers_file = model_dir / NUMBERS_FILE
-    if not numbers_file.is_file():
-        return {}
-    modes = json.loads(numbers_file.read_text()).get("modes", {})
-    return {mode: numbers for mode, numbers in modes.items()
+    return {mode: entry for mode, entry in numbers(model_dir).get("modes", {}).items()
             if mode in FILES and (model_dir / FILES[mode]).is_file()}
 
 
 def fp32_numbers(model_dir: Path) -> dict | None:
     """fp32's validation numbers as the build measured them (the bar an ORT mode's accuracy is held to)."""
-    numbers_file = model_dir / NUMBERS_FILE
-    if not numbers_file.is_file():
-        return None
-    return json.loads(numbers_file.read_text()).get("modes", {}).get("fp32")
+    return numbers(model_dir).get("modes", {}).get("fp32")
