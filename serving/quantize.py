@@ -161,11 +161,9 @@ def record_key(model: str, weights: Path) -> dict:
             "recipe": RECIPE, "onnxruntime": onnx_runtime.onnxruntime_version()}
 
 
-def measure(files: dict[str, Path], card: dict, spec: DatasetSpec) -> dict[str, dict] | None:
-    """Per ORT mode, its numbers per TTA level on the validation split (None where the split is not on disk)."""
-    split = validation_split(card)
-    if split is None:
-        return None
+def measure(files: dict[str, Path], card: dict, spec: DatasetSpec,
+            split: tuple[torch.Tensor, torch.Tensor]) -> dict[str, dict]:
+    """Per ORT mode, its numbers per TTA level on the validation split (`split`: images, labels)."""
     threads = torch.get_num_threads()  # measuring is offline work: every core
     fp32 = card_levels(card)
     temperatures = {level: numbers["temperature"] for level, numbers in fp32.items()}
@@ -201,7 +199,8 @@ def build(model: str, weights: Path, arch: zoo.Architecture, dest: Path, fp32_to
     quantize(files["ort-fp32"], files["ort-int8"], spec.normalize(torch.from_numpy(calibration)))
     numbers: dict = {"recipe": RECIPE, "onnxruntime": onnx_runtime.onnxruntime_version(),
                      "calibration": {"images": len(calibration), "split": "training",
-                                     "train_indices_first": indices[:8].tolist()},
+                                     "train_indices_first": indices[:8].tolist() if calibration is committed
+                                     else None},
                      "build_seconds": round(time.perf_counter() - started, 1), "modes": {}, "not_shipped": {}}
     normalised = spec.normalize(reference)
     answers = {}
@@ -222,7 +221,7 @@ def build(model: str, weights: Path, arch: zoo.Architecture, dest: Path, fp32_to
             >= RECORD_MATCH for mode in shipped):
         measured, numbers["measured_on"] = {m: record["modes"][m] for m in shipped}, record["host"]
     else:
-        measured = measure(shipped, card, spec) if card else None
+        measured = measure(shipped, card, spec, split) if split is not None else None
         numbers["measured_on"] = host() if measured else None
     for mode in shipped:
         numbers["modes"][mode]["levels"] = measured[mode] if measured else {}
