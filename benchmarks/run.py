@@ -159,14 +159,10 @@ def build_variant(version: ModelVersion, store: Path, tmp: Path, name: str, onnx
     """`version` with some model-config settings changed (top-level ones, or `handler` ones given as a dict),
     built as `<store>/<name>.mar`; `onnx=False` leaves the ONNX Runtime files out, so workers choose among torch's
     modes only (the previous round's configuration)."""
-    import yaml
-
-    config = yaml.safe_load(version.config_file.read_text())
+    config = version.config
     handler = {**config["handler"], **settings.pop("handler", {})}
     config.update(settings, handler=handler)
-    config_file = tmp / f"{name}.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    built = archive.build(version, tmp / name, config_file, onnx=onnx)
+    built = archive.build(version, tmp / name, config, onnx=onnx)
     shutil.move(built, store / f"{name}.mar")
     return f"{name}.mar"
 

@@ -16,6 +16,14 @@ from torch.nn import functional as F
 class Airbench(nn.Module):
     """1.97 M parameters; input 3×32×32 normalised, output logits."""
 
+    arch = "airbench"  # the --arch name (models/zoo.py finds this class by it)
+    dataset = "cifar10"  # the models/specs.py data set it is trained for
+    # airbench's recipe (lr and weight decay converted from its summed loss to a mean loss): training/train.py
+    recipe = {"epochs": 10, "batch_size": 1024, "lr": 1.5, "momentum": 0.85, "weight_decay": 1.33e-3,
+              "label_smoothing": 0.2, "flip": True, "channels_last": True, "pct_start": 0.23, "div_factor": 5.0,
+              "final_div_factor": 0.2 / 0.07, "anneal": "linear", "cycle_momentum": False, "bias_lr_scale": 64.0,
+              "lookahead": True, "tta": 2}
+
     WIDTHS = (64, 256, 256)
     WHITEN_CHANNELS = 24  # 12 eigen-patches of 3×2×2 pixels and their negatives
 

@@ -11,6 +11,10 @@ from torch.nn import functional as F
 class LeNet(nn.Module):
     """conv 3→6 k5, max-pool 2, conv 6→16 k5, max-pool 2, fc 400→120→84→10; returns logits."""
 
+    arch = "lenet"  # the --arch name (models/zoo.py finds this class by it)
+    dataset = "cifar10"  # the models/specs.py data set it is trained for
+    recipe = {"epochs": 40, "translate": 4, "flip": True, "channels_last": True}  # training/train.py's Recipe
+
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 5)

@@ -14,6 +14,10 @@ class ConvNet(nn.Module):
     The output is log_softmax, as in the seed; the serving handler exponentiates it back to probabilities.
     """
 
+    arch = "convnet"  # the --arch name (models/zoo.py finds this class by it)
+    dataset = "mnist"  # the models/specs.py data set it is trained for
+    recipe = {"epochs": 16}  # what differs from training/train.py's Recipe defaults
+
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.cn1 = nn.Conv2d(1, 16, 3, 1)

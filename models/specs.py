@@ -26,6 +26,9 @@ class DatasetSpec:
     # A mirror image is still an image of the same class (a photo of a cat) or not (a mirrored 7): test-time
     # augmentation, which averages over mirror images (models/inference.py), only makes sense for the first.
     mirror_symmetric: bool = True
+    # The torchvision.datasets class that downloads it (`--data-source torchvision`), or None for a data set that
+    # comes as an .npz file only (`images`: uint8 N×H×W×C or N×H×W, `labels`: integers; README, "Your own model").
+    torchvision: str | None = None
     _scale: torch.Tensor = field(init=False, repr=False, compare=False)
     _shift: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -63,6 +66,7 @@ CIFAR10 = DatasetSpec(
     mean=(0.4914, 0.4822, 0.4465),
     std=(0.2470, 0.2435, 0.2616),
     classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    torchvision="CIFAR10",
 )
 
 MNIST = DatasetSpec(
@@ -74,6 +78,9 @@ MNIST = DatasetSpec(
     classes=tuple(str(digit) for digit in range(10)),
     light_on_dark=True,
     mirror_symmetric=False,
+    torchvision="MNIST",
 )
 
+# Every data set the project trains, archives and serves: a new one is a DatasetSpec above and its name here;
+# its handler, archive, model config and reference images follow from it (README, "Serve your own classifier").
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (CIFAR10, MNIST)}

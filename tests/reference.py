@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from models import onnx_runtime, zoo
@@ -27,8 +26,8 @@ def network(version: ModelVersion) -> nn.Module:
 
 
 def handler_config(version: ModelVersion) -> dict:
-    """The `handler:` section of the version's model-config YAML, read from the repository."""
-    return yaml.safe_load(version.config_file.read_text()).get("handler") or {}
+    """The `handler:` section of the version's model config, merged from the repository's model-config/."""
+    return version.config.get("handler") or {}
 
 
 def tta(version: ModelVersion) -> int:

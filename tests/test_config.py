@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from serving.catalog import ROOT, SHIPPED, config_file
+from serving.catalog import ROOT, SHIPPED, model_config
 from serving.server import PROFILES, read_properties
 
 BATCHING = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
@@ -21,7 +21,7 @@ def test_models_batching_matches_the_archive_yaml(profile):
     models = json.loads(read_properties(PROFILES[profile])["models"])
     for model, versions in models.items():
         for version, settings in versions.items():
-            config = yaml.safe_load(config_file(model, version).read_text())
+            config = model_config(model, version)
             assert {k: settings[k] for k in BATCHING} == {k: config[k] for k in BATCHING}, (model, version)
 
 
@@ -79,7 +79,7 @@ def test_yaml_limits_are_the_handlers_defaults_and_fit_the_response_timeout(vers
     slow batch answers 503 for its last requests instead of the frontend declaring the worker dead."""
     from handlers.imaging import Limits
 
-    config = yaml.safe_load(version.config_file.read_text())
+    config = version.config
     limits = {k: config["handler"][k] for k in Limits.__dataclass_fields__}
     assert limits == asdict(Limits())
     assert Limits().batch_deadline_ms <= config["responseTimeout"] * 1000 / 2
@@ -90,7 +90,7 @@ def test_yaml_limits_are_the_handlers_defaults_and_fit_the_response_timeout(vers
 def test_a_version_with_several_workers_keeps_one_that_only_predicts(version):
     """Explanations never hold every worker of a version that has more than one (README, Explanations): its
     `explain_workers` is below its minWorkers. A one-worker version explains on its only worker."""
-    config = yaml.safe_load(version.config_file.read_text())
+    config = version.config
     explain_workers = config["handler"]["explain_workers"]
     assert explain_workers >= 1
     assert explain_workers < config["minWorkers"] or config["maxWorkers"] == 1, config
@@ -166,3 +166,24 @@ def test_a_stale_management_socket_is_cleared_and_a_live_one_refuses_the_start(t
         live.listen(1)
         with pytest.raises(StartupError, match="another server already listens on"):
             server.clear_stale_sockets()
+
+
+def test_model_config_files_say_only_what_differs():
+    """default.yaml holds every setting once; a model's or a version's file holds only what it changes (a value
+    equal to the one it overrides would be a copy that could drift), and names no setting default.yaml lacks."""
+    from serving.catalog import config_files
+
+    for version in SHIPPED:
+        files = config_files(version.model, version.version)
+        assert files[0].name == "default.yaml"
+        merged = yaml.safe_load(files[0].read_text())
+        for path in files[1:]:
+            layer = yaml.safe_load(path.read_text())
+            for key, value in {**layer, **{f"handler.{k}": v for k, v in layer.pop("handler", {}).items()}}.items():
+                section, _, name = key.rpartition(".")
+                below = merged.get("handler", {}) if section else merged
+                assert name in below, (path.name, key)
+                assert below.get(name) != value, f"{path.name}: {key}: {value} repeats the value it overrides"
+            merged = {**merged, **layer, "handler": {**merged["handler"], **yaml.safe_load(path.read_text()).get(
+                "handler", {})}}
+        assert merged == version.config

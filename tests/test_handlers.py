@@ -191,7 +191,7 @@ def test_limits_answer_413(harness):
 
 def test_topk_from_yaml_request_and_headers(harness):
     cifar, mnist = harness("cifar10"), harness("mnist")
-    assert len(cifar.one({"body": PNG})[1]) == 5  # model-config/cifar10.yaml
+    assert len(cifar.one({"body": PNG})[1]) == 5  # model-config/default.yaml
     assert len(mnist.one({"body": images.encode(images.digit())})[1]) == 3  # model-config/mnist.yaml
     assert len(harness("cifar10", handler={"topk": 2}).one({"body": PNG})[1]) == 2
     assert len(cifar.one({"body": {"data": b64(PNG), "topk": 1}})[1]) == 1

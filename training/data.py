@@ -16,7 +16,6 @@ from torchvision import datasets
 from models.specs import SPECS
 
 SOURCES = ("npz", "torchvision")
-TORCHVISION_DATASETS = {"cifar10": datasets.CIFAR10, "mnist": datasets.MNIST}
 
 
 @dataclass(frozen=True)
@@ -32,20 +31,22 @@ class Split:
 def load(dataset: str, source: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """All training images (uint8 N×C×H×W) and labels (int64) from an npz file or torchvision's loader.
 
-    `source="torchvision"` uses the real `datasets.CIFAR10/MNIST(download=True)`, which downloads into `path`
-    when online and otherwise reads what is already there in torchvision's on-disk layout.
+    `source="torchvision"` uses the real torchvision class the spec names (`datasets.CIFAR10(download=True)`),
+    which downloads into `path` when online and otherwise reads what is already there in torchvision's layout.
     """
+    spec = SPECS[dataset]
     if source == "npz":
         with np.load(path) as archive:
             images, labels = archive["images"], archive["labels"]
     elif source == "torchvision":
-        ds = TORCHVISION_DATASETS[dataset](root=str(path), train=True, download=True)
+        if spec.torchvision is None:
+            raise ValueError(f"{dataset} names no torchvision dataset (models/specs.py): use --data-source npz")
+        ds = getattr(datasets, spec.torchvision)(root=str(path), train=True, download=True)
         images, labels = np.asarray(ds.data), np.asarray(ds.targets)
     else:
         raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
-    spec = SPECS[dataset]
     if tuple(tensor.shape[1:]) != spec.input_shape or tensor.dtype != torch.uint8:
         raise ValueError(f"{path}: expected uint8 images of shape {spec.input_shape}, got {tuple(tensor.shape[1:])}")
     return tensor.contiguous(), torch.from_numpy(np.asarray(labels, dtype=np.int64))

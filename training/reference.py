@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from models.specs import SPECS
 from models.zoo import WEIGHTS_DIR
@@ -39,6 +40,11 @@ def calibration_set(dataset: str, source: str, path: Path, val_size: int = 5000,
                     count: int = CALIBRATION_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 N×C×H×W images, their indices into the training file): the first `count` of the training split."""
     images, labels = data.load(dataset, source, path)
+    return calibration_of(images, labels, val_size, count)
+
+
+def calibration_of(images: torch.Tensor, labels: torch.Tensor, val_size: int,
+                   count: int = CALIBRATION_SIZE) -> tuple[np.ndarray, np.ndarray]:
     train_idx, _ = data.validation_indices(len(labels), val_size)
     return images[train_idx[:count]].numpy(), train_idx[:count]
 
@@ -47,8 +53,28 @@ def reference_set(dataset: str, source: str, path: Path, val_size: int = 5000,
                   count: int = REFERENCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 N×C×H×W images, int64 labels): the first `count` images of the validation split."""
     images, labels = data.load(dataset, source, path)
+    return reference_of(images, labels, val_size, count)
+
+
+def reference_of(images: torch.Tensor, labels: torch.Tensor, val_size: int,
+                 count: int = REFERENCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     split = data.split(images, labels, val_size)
     return split.val_images[:count].numpy(), split.val_labels[:count].numpy()
+
+
+def write_missing(dataset: str, images: torch.Tensor, labels: torch.Tensor, val_size: int) -> list[Path]:
+    """A new data set's first training writes its reference and calibration images (an archive needs both), from
+    the split it trains on; files already there are the committed ones and stay. Returns what was written."""
+    written = []
+    if not path_for(dataset).exists():
+        reference_images, reference_labels = reference_of(images, labels, val_size)
+        np.savez_compressed(path_for(dataset), images=reference_images, labels=reference_labels)
+        written.append(path_for(dataset))
+    if not calibration_path_for(dataset).exists():
+        calibration_images, indices = calibration_of(images, labels, val_size)
+        np.savez_compressed(calibration_path_for(dataset), images=calibration_images, train_indices=indices)
+        written.append(calibration_path_for(dataset))
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:

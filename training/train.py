@@ -9,6 +9,7 @@ from the checkpoint of epoch k continues exactly as the uninterrupted run would 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -24,23 +25,24 @@ from tqdm import tqdm
 from models import zoo
 from models.checksum import sha256_of
 from models.specs import SPECS
-from training import data
+from training import data, reference
 from training.evaluate import accuracy_report, calibration_report, predict
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Hyper-parameters that make an architecture reach its target; every field can be overridden by a flag."""
+    """Hyper-parameters that make an architecture reach its target: these defaults, then what the network's file
+    says differs (its class's `recipe` dict, beside the layers it tunes), then the command line's flags."""
 
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    label_smoothing: float
-    translate: int
-    flip: bool
-    channels_last: bool  # NHWC is ~20% faster for LeNet here, ~10% slower for the MNIST ConvNet (measured)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    translate: int = 2  # random shifts of up to this many pixels
+    flip: bool = False  # random horizontal mirror images (only where the data set's spec is mirror-symmetric)
+    channels_last: bool = False  # NHWC is ~20% faster for LeNet here, ~10% slower for the MNIST ConvNet (measured)
     # One-cycle schedule: starts at lr/div_factor, peaks at lr after pct_start, ends at lr/div/final_div.
     pct_start: float = 0.25
     div_factor: float = 25.0
@@ -52,18 +54,12 @@ class Recipe:
     tta: int = 0  # test-time augmentation level for the model card's final accuracy (models/inference.py)
 
 
-RECIPES: dict[str, Recipe] = {
-    "lenet": Recipe(epochs=40, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
-                    label_smoothing=0.0, translate=4, flip=True, channels_last=True),
-    "convnet": Recipe(epochs=16, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
-                      label_smoothing=0.0, translate=2, flip=False, channels_last=False),
-    # airbench's recipe (lr and weight decay converted from its summed loss to a mean loss).
-    "airbench": Recipe(epochs=10, batch_size=1024, lr=1.5, momentum=0.85, weight_decay=1.33e-3,
-                       label_smoothing=0.2, translate=2, flip=True, channels_last=True, pct_start=0.23,
-                       div_factor=5.0, final_div_factor=0.2 / 0.07, anneal="linear", cycle_momentum=False,
-                       bias_lr_scale=64.0, lookahead=True, tta=2),
-}
 LOOKAHEAD_EVERY = 5
+
+
+def recipe_for(arch: zoo.Architecture) -> Recipe:
+    """The defaults with the network class's `recipe` overrides."""
+    return Recipe(**getattr(importlib.import_module(arch.module), arch.class_name).__dict__.get("recipe", {}))
 
 
 def lookahead_decay(step: int, total_steps: int) -> float:
@@ -110,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available (then with bf16 autocast and channels_last), else the CPU")
     p.add_argument("--limit", type=int, help="train on the first N training images only (smoke runs)")
-    for field, default in asdict(RECIPES["lenet"]).items():
+    for field, default in asdict(Recipe()).items():
         flag = "--" + field.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
@@ -124,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dataset = args.dataset or arch.dataset
     if args.dataset != arch.dataset:
         p.error(f"--arch {args.arch} is built for {arch.dataset}, not {args.dataset}")
-    recipe = asdict(RECIPES[args.arch])
+    recipe = asdict(recipe_for(arch))
     for field in recipe:
         if getattr(args, field) is None:
             setattr(args, field, recipe[field])
@@ -176,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     images, labels = data.load(args.dataset, args.data_source, args.data_path)
     split = data.split(images, labels, args.val_size, seed=0)
+    for path in reference.write_missing(args.dataset, images, labels, args.val_size):
+        print(f"wrote {path} (this data set's first training: the archive's reference / calibration images)")
     if args.limit:
         split = data.Split(split.train_images[: args.limit], split.train_labels[: args.limit],
                            split.val_images, split.val_labels)

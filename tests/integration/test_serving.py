@@ -441,17 +441,15 @@ def test_int8_served_by_torchserve_equals_in_process_int8(served, predict_url, v
     (batches of any size up to 8) get int8's probabilities as an int8 session built here from the shipped weights
     computes them, with int8's own temperature, within 1e-6 (rounded to 6 places; ONNX Runtime gave bitwise equal
     answers at every batch size, tests/answers.py), whatever mode this host's `auto` would choose."""
-    import yaml
 
     from client.api import TorchServeClient
     from models.specs import CIFAR10
     from tests import images, reference
 
     version = next(v for v in SHIPPED if (v.model, v.version) == ("cifar10", "2.0"))
-    config = yaml.safe_load(version.config_file.read_text())
+    config = version.config
     config.update(minWorkers=1, maxWorkers=1, handler={**config["handler"], "numerics": "ort-int8"})
-    (tmp_path / "int8.yaml").write_text(yaml.safe_dump(config))
-    built = archive.build(version, tmp_path / "built", tmp_path / "int8.yaml")
+    built = archive.build(version, tmp_path / "built", config)
     target = served.model_store / "cifar10_int8.mar"
     shutil.copy(built, target)
     shutil.copy(built.with_name(built.name + ".sha256"), target.with_name(target.name + ".sha256"))
