@@ -413,9 +413,13 @@ class TorchServe:
         """Start java and block until every configured version has a READY worker; returns seconds taken.
 
         On a server that is already running this only waits for READY workers, judging only log lines written
-        from now on, and never stops it.
+        from now on, and never stops it; a configured version that server does not have (retired since, or a
+        config edited after the start) would never get one, so that is said at once instead.
         """
         if self.pid() is not None:
+            drift = self.drift()
+            if drift and drift.missing:
+                raise StartupError(drift.report())
             self.logs.mark()
             self.wait_ready(timeout, launched=False)
             self.launch_front()
@@ -604,6 +608,42 @@ class TorchServe:
         response.raise_for_status()
         return response.json()
 
+    def registered(self) -> dict[str, tuple[list[str], str]] | None:
+        """model → (its registered versions, its default version), as the running server has them; None while
+        its management API does not answer. TorchServe registers every `load_models` archive before that API
+        listens, so an answer is complete."""
+        try:
+            listed = self.http.get(f"{self.url('management')}/models", params={"limit": 1000}, timeout=5,
+                                   headers=self.headers("management"), verify=self.verify)
+            listed.raise_for_status()
+            found = {}
+            for entry in listed.json()["models"]:
+                model = entry["modelName"]
+                default = self.http.get(f"{self.url('management')}/models/{model}", timeout=5,
+                                        headers=self.headers("management"), verify=self.verify).json()
+                found[model] = (sorted(d["modelVersion"] for d in self.describe(model)), default[0]["modelVersion"])
+            return found
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            return None
+
+    def drift(self, wait_s: float = 10.0) -> Drift | None:
+        """How the running server's versions differ from this config's (None when they agree, or when its API
+        gave no answer within `wait_s`)."""
+        deadline = time.monotonic() + wait_s
+        while (registered := self.registered()) is None:
+            if time.monotonic() > deadline or self.pid() is None:
+                return None
+            time.sleep(0.5)
+        declared = self.declared_models()
+        configured = {(m, v) for m, versions in declared.items() for v in versions}
+        running = {(m, v) for m, (versions, _) in registered.items() for v in versions}
+        defaults = {m: (default, next((v for v, s in declared[m].items() if s.get("defaultVersion")), None))
+                    for m, (_, default) in registered.items() if m in declared}
+        drift = Drift(missing=sorted(configured - running), extra=sorted(running - configured),
+                      defaults={m: pair for m, pair in defaults.items() if pair[1] and pair[0] != pair[1]},
+                      config=self.source_config or self.config)
+        return drift if drift.missing or drift.extra or drift.defaults else None
+
     def not_ready(self, expected: dict[str, list[str]]) -> list[str]:
         """`model/version` entries without a READY worker (all of them while the API does not answer)."""
         missing = []
@@ -663,6 +703,26 @@ class TorchServe:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue  # gone between the listing and the kill, or not ours to inspect
         return killed
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A running server whose versions are no longer what its config declares (README, "Versions")."""
+
+    missing: list[tuple[str, str]]  # configured, not registered: never READY
+    extra: list[tuple[str, str]]  # registered since the start, not in the config
+    defaults: dict[str, tuple[str, str]]  # model → (default on the server, default in the config)
+    config: Path
+
+    def report(self) -> str:
+        lines = [f"the running TorchServe differs from {self.config.name}:"]
+        lines += [f"  {m}/{v}: in {self.config.name}, not registered on the server" for m, v in self.missing]
+        lines += [f"  {m}/{v}: registered on the server, not in {self.config.name}" for m, v in self.extra]
+        lines += [f"  {m}: default version {running} on the server, {configured} in {self.config.name}"
+                  for m, (running, configured) in self.defaults.items()]
+        lines.append(f"`make stop && make serve` starts over from {self.config.name}; or leave the server as it "
+                     "is (make status shows it)")
+        return "\n".join(lines)
 
 
 class PortTaken(StartupError):
@@ -801,8 +861,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     (ROOT / "logs" / "profile").write_text(args.profile + "\n")
     inference = server.url("inference")
-    print("TorchServe was already running; every model is READY" if already
+    print("TorchServe was already running; every configured version is READY" if already
           else f"TorchServe is up in {seconds:.1f} s; every model has a READY worker")
+    drift = server.drift() if already else None
+    if drift:  # versions registered or promoted since the start: it serves on as it is, and says so
+        print(f"note: {drift.report()}")
     print(f"  inference   {inference}/predictions/<model>[/<version>]")
     management = socket_path(server.url("management"))
     if management is None:

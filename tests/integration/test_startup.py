@@ -229,3 +229,29 @@ def test_start_after_a_java_crash_replaces_what_it_left(tmp_path, model_store):
         assert not front.is_running() or front.status() == psutil.STATUS_ZOMBIE
     finally:
         server.stop()
+
+
+def test_serve_on_a_server_that_no_longer_matches_its_config_says_what_differs_at_once(served):
+    """`make serve` after the README's version walkthrough (a configured version retired, another registered,
+    the default moved): the versions the config declares and the server lacks could never get a READY worker,
+    so the start says which, and what to run, within seconds instead of waiting out its timeout. On the old code
+    this waited the full timeout and said only `no READY worker for ... after N s`."""
+    properties = served.config.read_text()
+    models = json.loads(server_module.read_properties(served.config)["models"])
+    drifted = {"cifar10": {**models["cifar10"], "3.0": {**models["cifar10"]["2.0"], "marName": "cifar10-3.0.mar"}}}
+    drifted["cifar10"]["2.0"] = {**drifted["cifar10"]["2.0"], "defaultVersion": True}
+    drifted["cifar10"]["1.0"] = {k: v for k, v in drifted["cifar10"]["1.0"].items() if k != "defaultVersion"}
+    config = served.run_dir / "drifted.properties"
+    config.write_text("\n".join(f"models={json.dumps(drifted)}" if line.startswith("models=") else line
+                                for line in properties.splitlines()) + "\n")
+    again = TorchServe(config=config, model_store=served.model_store, run_dir=served.run_dir)
+    started = time.monotonic()
+    with pytest.raises(StartupError) as raised:
+        again.start(timeout=120)
+    assert time.monotonic() - started < 15
+    report = str(raised.value)
+    assert "cifar10/3.0: in drifted.properties, not registered on the server" in report
+    assert "mnist/1.0: registered on the server, not in drifted.properties" in report
+    assert "cifar10: default version 1.0 on the server, 2.0 in drifted.properties" in report
+    assert "make stop && make serve" in report
+    assert served.pid() is not None and served.not_ready(served.expected_models()) == []  # nothing was stopped
