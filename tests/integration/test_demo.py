@@ -17,6 +17,7 @@ from tests.conftest import require
 from tests.integration.conftest import running
 
 CAT = ROOT / "examples" / "cat.png"
+ERROR = "const s = document.getElementById('status'); return s.className === 'error' ? s.textContent : null;"
 TOP_BAR = "const bar = document.querySelector('#bars .bar'); return bar ? bar.dataset.label : null;"
 # The attribution map is its own layer over the image: per 8×8-pixel cell of the 32×32 map, its colour. Drawn
 # means most cells are tinted (an attribution of exactly 0 leaves a cell clear), some red (raised the answer) and
@@ -40,7 +41,7 @@ def page(tmp_path_factory, model_store):
     origin = f"http://127.0.0.1:{port}"
     with running(tmp_path_factory.mktemp("ts-demo"), ROOT / "config.properties", model_store,
                  {"cors_allowed_origin": origin}) as server:
-        httpd, url = demo.serve(origin, server.url("inference"))
+        httpd, url = demo.serve(origin, server.url("inference"), server.url("management"))
         thread = threading.Thread(target=httpd.serve_forever, daemon=True)
         thread.start()
         try:
@@ -53,7 +54,7 @@ def page(tmp_path_factory, model_store):
 def test_torchserve_admits_the_demo_origin_only(page):
     """CORS: the admitted origin, never `*`, in the answer to a browser's preflight."""
     url, server = page
-    origin = url.split("/demo.html")[0]
+    origin = url.rstrip("/")
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
     admitted = requests.options(f"{server.url('inference')}/explanations/cifar10/1.0",
                                 headers={"Origin": origin, **preflight}, timeout=30)
@@ -120,7 +121,7 @@ def test_the_page_from_another_origin_is_refused_by_the_browser(page):
                                  "Debian's packages)")
     _, server = page
     [port] = free_ports(1)
-    httpd, url = demo.serve(f"http://127.0.0.1:{port}", server.url("inference"))
+    httpd, url = demo.serve(f"http://127.0.0.1:{port}", server.url("inference"), server.url("management"))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -159,3 +160,66 @@ def test_the_page_asks_again_while_the_version_explains_another_image(page):
         release.cancel()
         for slots in held:
             slots.release()
+
+
+def test_make_demo_answers_slash_with_the_page_and_versions_with_the_servers(page):
+    """`/` is the page (it was a directory listing), `/versions` what the server has now; nothing else is
+    listed, nothing but GET is answered, and a request addressed to another host (a DNS-rebound page) is not."""
+    url, server = page
+    home = requests.get(url, timeout=30)
+    assert home.status_code == 200 and "<title>cifar10 classifier" in home.text
+    info = requests.get(f"{url}versions", timeout=30).json()
+    assert info["api"] == server.url("inference") and info["error"] is None
+    assert [(v["version"], v["default"]) for v in info["versions"]] == [("1.0", True), ("2.0", False)]
+    assert requests.post(url, data=b"x", timeout=30).status_code == 501
+    assert requests.get(f"{url}versions", headers={"Host": "rebound.example:80"}, timeout=30).status_code == 421
+
+
+def test_the_page_says_when_torchserve_does_not_answer(tmp_path):
+    require(browser.available(), "chromium and chromedriver are not installed (make browser-deps installs "
+                                 "Debian's packages)")
+    port, dead = free_ports(2)
+    httpd, url = demo.serve(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dead}", f"http://127.0.0.1:{dead}")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with browser.Browser() as chromium:
+            chromium.open(url)
+            message = chromium.wait_for(ERROR)
+            assert f"TorchServe does not answer at http://127.0.0.1:{dead}" in message
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_the_page_starts_on_the_default_and_says_when_a_version_was_retired(page):
+    """The README's walkthrough as the page sees it: 2.0 promoted, then 1.0 retired while the page still offers
+    it. The page starts on the default, and the request to 1.0 (whose preflight now answers 404, which a browser
+    reports like a CORS refusal) says that 1.0 is gone and what the server has. On the old code the page offered
+    1.0 and 2.0 whatever the server had and blamed CORS."""
+    require(browser.available(), "chromium and chromedriver are not installed (make browser-deps installs "
+                                 "Debian's packages)")
+    from client.api import TorchServeClient
+
+    url, server = page
+    client = TorchServeClient(management_url=server.url("management"), inference_url=server.url("inference"),
+                              timeout=120)
+    checked = "return document.body.dataset.loaded && document.querySelector('input[name=version]:checked').value"
+    try:
+        with browser.Browser() as chromium:
+            chromium.open(url)
+            assert chromium.wait_for(checked) == "1.0"
+            assert chromium.script("return document.body.dataset.versions") == "1.0,2.0"
+            client.promote("cifar10", "2.0")
+            chromium.open(url)
+            assert chromium.wait_for(checked) == "2.0"
+            chromium.script("document.querySelector('input[value=\"1.0\"]').click()")
+            client.unregister("cifar10", "1.0", force=True)
+            chromium.upload("#file", CAT)
+            message = chromium.wait_for(ERROR)
+            assert "cifar10 1.0 is not registered on the server any more" in message and "2.0" in message
+            assert chromium.script("return document.body.dataset.versions") == "2.0"
+    finally:
+        if "1.0" not in [v["modelVersion"] for v in client.versions("cifar10")]:
+            client.register("cifar10.mar", workers=2)
+        client.promote("cifar10", "1.0")
