@@ -122,6 +122,9 @@ class Choice:
     seconds: float = 0.0
     isa: list[str] = field(default_factory=isa)
     batch_size: int = 0  # the server-side batch the candidates were timed at (the worker's, from TorchServe)
+    # True in every worker but the one that measured (they serve its record): describe answers the same words
+    # whichever worker a request reaches, so `client versions` says the same at every call.
+    shared: bool = False
 
     def summary(self) -> str:
         timed = ", ".join(f"{mode} {rate:.0f} img/s" for mode, rate in self.images_per_s.items())
@@ -129,7 +132,8 @@ class Choice:
         timed = f"{timed} at batch {self.batch_size}" if timed else "not timed"
         accuracy = ", ".join(f"{mode} {share:.2%}" for mode, share in self.accuracy.items())
         refused = "".join(f"; {mode} not a candidate: {why}" for mode, why in self.refused.items())
-        return (f"numerics {self.mode} ({self.chosen_by}; {timed}; top-1 agreement with fp32: "
+        by = f"{self.chosen_by}, measured by the version's first worker" if self.shared else self.chosen_by
+        return (f"numerics {self.mode} ({by}; {timed}; top-1 agreement with fp32: "
                 f"{agreed or 'not checked'}; validation accuracy: {accuracy or 'not measured'}{refused}; "
                 f"{self.seconds:.1f} s; ISA {' '.join(self.isa) or 'unknown'})")
 
@@ -279,7 +283,7 @@ def choose_once(record: Path, model: nn.Module, device: torch.device, reference:
             saved = json.loads(record.read_text())
             if saved["key"] == key:
                 choice = Choice(**saved["choice"])
-                choice.chosen_by = "auto, measured by the version's first worker"
+                choice.shared = True
                 return serve_as(choice.mode, model, device, onnx), choice
         runner, choice = choose(model, device, "auto", reference, batch_size, expected=expected, onnx=onnx)
         with contextlib.suppress(OSError):

@@ -810,6 +810,36 @@ def print_status(server: TorchServe) -> None:
                   f"delay {version['maxBatchDelay']} ms, workers {workers}")
 
 
+def banner(server: TorchServe, seconds: float, already: bool, drift: Drift | None = None) -> str:
+    """What `make serve` prints once every version is READY: where each API is, and the first request to try (the
+    README shows it, kept equal by tests/readme_samples.py)."""
+    inference = server.url("inference")
+    lines = ["TorchServe was already running; every configured version is READY" if already
+             else f"TorchServe is up in {seconds:.1f} s; every model has a READY worker"]
+    if drift:  # versions registered or promoted since the start: it serves on as it is, and says so
+        lines.append(f"note: {drift.report()}")
+    lines.append(f"  inference   {inference}/predictions/<model>[/<version>]")
+    management = socket_path(server.url("management"))
+    if management is None:
+        lines.append(f"  management  {server.url('management')}/models")
+    else:
+        shown = management.relative_to(ROOT) if management.is_relative_to(ROOT) else management
+        lines.append(f"  management  Unix socket {shown} (curl --unix-socket {shown} http://localhost/models)")
+    lines.append(f"  metrics     {server.url('metrics')}/metrics")
+    lines.append(f"  gRPC        {server.properties.get('grpc_inference_address', '0.0.0.0')}:{server.grpc_port()} "
+                 "(inference; StreamPredictions2 refused, README \"gRPC\")")
+    lines.append(f"  logs        {server.log_dir}/")
+    auth = ""
+    if server.token("inference"):
+        auth = ' -H "Authorization: Bearer $(.venv/bin/python -m serving.server token inference)"'
+        lines.append(f"  token auth  on: keys in {server.key_file}")
+    if server.verify is not True:
+        certificate = Path(server.verify)
+        auth += f" --cacert {certificate.relative_to(ROOT) if certificate.is_relative_to(ROOT) else certificate}"
+    lines.append(f"try:  curl{auth} -T examples/cat.png {inference}/predictions/cifar10")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["start", "stop", "status", "token", "run", "health"])
@@ -860,31 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make serve failed: {exc}", file=sys.stderr)
         return 1
     (ROOT / "logs" / "profile").write_text(args.profile + "\n")
-    inference = server.url("inference")
-    print("TorchServe was already running; every configured version is READY" if already
-          else f"TorchServe is up in {seconds:.1f} s; every model has a READY worker")
     drift = server.drift() if already else None
-    if drift:  # versions registered or promoted since the start: it serves on as it is, and says so
-        print(f"note: {drift.report()}")
-    print(f"  inference   {inference}/predictions/<model>[/<version>]")
-    management = socket_path(server.url("management"))
-    if management is None:
-        print(f"  management  {server.url('management')}/models")
-    else:
-        shown = management.relative_to(ROOT) if management.is_relative_to(ROOT) else management
-        print(f"  management  Unix socket {shown} (curl --unix-socket {shown} http://localhost/models)")
-    print(f"  metrics     {server.url('metrics')}/metrics")
-    print(f"  gRPC        {server.properties.get('grpc_inference_address', '0.0.0.0')}:{server.grpc_port()} "
-          "(inference; StreamPredictions2 refused, README \"gRPC\")")
-    print(f"  logs        {server.log_dir}/")
-    auth = ""
-    if server.token("inference"):
-        auth = ' -H "Authorization: Bearer $(.venv/bin/python -m serving.server token inference)"'
-        print(f"  token auth  on: keys in {server.key_file}")
-    if server.verify is not True:
-        certificate = Path(server.verify)
-        auth += f" --cacert {certificate.relative_to(ROOT) if certificate.is_relative_to(ROOT) else certificate}"
-    print(f"try:  curl{auth} -T examples/cat.png {inference}/predictions/cifar10")
+    print(banner(server, seconds, already, drift))
     return 0
 
 

@@ -207,7 +207,7 @@ def test_the_workers_of_a_version_share_one_measurement(model_dirs, tmp_path):
     first = InProcessHandler(model_dir, {"handler": AUTO}).handler.numerics
     assert first.chosen_by == "auto" and (model_dir / ".numerics.json").exists()
     second = InProcessHandler(model_dir, {"handler": AUTO}).handler.numerics
-    assert second.chosen_by == "auto, measured by the version's first worker"
+    assert second.chosen_by == "auto" and second.shared and not first.shared
     assert (second.mode, second.images_per_s) == (first.mode, first.images_per_s)
     record = json.loads((model_dir / ".numerics.json").read_text())
     record["key"]["cpu"] = "another CPU"
