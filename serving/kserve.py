@@ -98,9 +98,12 @@ def selected(models: dict, only: list[str] | None) -> dict:
 
 
 def build(out: Path, token_auth: bool = False, source: Path = PROFILES["prod"],
-          defaults: dict[str, str] | None = None, only: list[str] | None = None, host: str = LOOPBACK) -> Path:
+          defaults: dict[str, str] | None = None, only: list[str] | None = None, host: str = LOOPBACK,
+          model_store: Path = ROOT / "model_store") -> Path:
     """Write the layout into `out` (replacing it) and check every archive against its sha256; `only` keeps
-    some models, `defaults` moves a model's default version."""
+    some models, `defaults` moves a model's default version. A shipped version's archive is built afresh; any
+    other (a version or data set of your own, README "Serve your own classifier") is copied from `model_store`,
+    where `make archive MODEL=...` put it."""
     if out.exists():
         shutil.rmtree(out)
     store, config = out / "model-store", out / "config"
@@ -109,7 +112,17 @@ def build(out: Path, token_auth: bool = False, source: Path = PROFILES["prod"],
     shipped = {v.archive_name: v for v in SHIPPED}
     for versions in models.values():
         for settings in versions.values():
-            archive.build(shipped[settings["marName"]], store)
+            name = settings["marName"]
+            if name in shipped:
+                archive.build(shipped[name], store)
+                continue
+            built = model_store / name
+            if not (built.is_file() and built.with_name(name + ".sha256").is_file()):
+                raise FileNotFoundError(f"{name} is not a shipped version and {built} (with its .sha256) is not "
+                                        "there: build it with make archive MODEL=... VERSION=... WEIGHTS=...")
+            store.mkdir(parents=True, exist_ok=True)
+            for path in (built, built.with_name(name + ".sha256")):
+                shutil.copy2(path, store / path.name)
     for mar in sorted(store.glob("*.mar")):
         recorded = mar.with_name(mar.name + ".sha256").read_text().split()[0]
         if recorded != sha256_of(mar):
@@ -129,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="make VERSION the model's default in this layout (a canary revision's layout)")
     args = p.parse_args(argv)
     defaults = dict(item.split("=", 1) for item in args.default)
-    out = build(args.out, args.token_auth, defaults=defaults, only=args.model, host=args.host)
+    try:
+        out = build(args.out, args.token_auth, defaults=defaults, only=args.model, host=args.host)
+    except (FileNotFoundError, ValueError) as exc:  # an archive not built yet, a model not in models=
+        raise SystemExit(f"make kserve: {exc}") from None
     for path in sorted(out.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}  {path.stat().st_size:,} bytes")

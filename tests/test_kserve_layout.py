@@ -71,3 +71,26 @@ def test_only_the_plain_images_layout_listens_beyond_loopback(tmp_path):
     front, so `make kserve`'s build/docker binds 0.0.0.0, and nothing else does."""
     config = read_properties(kserve.build(tmp_path / "docker", host="0.0.0.0") / "config" / "config.properties")
     assert config["inference_address"] == config["management_address"] == "http://0.0.0.0:8085"
+
+
+def test_a_version_of_your_own_is_copied_from_the_model_store_and_checked(tmp_path):
+    """A model config.prod.properties names that the catalog does not ship (README, "Serve your own classifier")
+    comes from model_store/, where `make archive MODEL=...` wrote it, and must still match its sha256."""
+    store = tmp_path / "model_store"
+    store.mkdir()
+    (store / "shapes.mar").write_bytes(b"an archive")
+    (store / "shapes.mar.sha256").write_text(f"{sha256_of(store / 'shapes.mar')}  shapes.mar\n")
+    properties = PROFILES["prod"].read_text().splitlines()
+    models = {"shapes": {"1.0": {"defaultVersion": True, "marName": "shapes.mar", "minWorkers": 1,
+                                 "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1, "responseTimeout": 30}}}
+    source = tmp_path / "config.prod.properties"
+    source.write_text("\n".join(f"models={json.dumps(models)}" if line.startswith("models=") else
+                                "load_models=shapes.mar" if line.startswith("load_models=") else line
+                                for line in properties) + "\n")
+    out = kserve.build(tmp_path / "layout", source=source, model_store=store)
+    assert (out / "model-store" / "shapes.mar").read_bytes() == b"an archive"
+    (store / "shapes.mar").write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="does not match its sha256"):
+        kserve.build(tmp_path / "layout", source=source, model_store=store)
+    with pytest.raises(FileNotFoundError, match="make archive MODEL="):
+        kserve.build(tmp_path / "layout", source=source, model_store=tmp_path / "empty")
