@@ -250,5 +250,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{version.model} {version.version} ({version.arch}), {target.stat().st_size / 1024:.0f} KiB, "
               f"{time.perf_counter() - start:.1f} s;\n  {shipped_numerics(target)}")
 
+
 if __name__ == "__main__":
     main()

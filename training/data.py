@@ -49,7 +49,10 @@ def load(dataset: str, source: str, path: Path) -> tuple[torch.Tensor, torch.Ten
     tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
     if tuple(tensor.shape[1:]) != spec.input_shape or tensor.dtype != torch.uint8:
         raise ValueError(f"{path}: expected uint8 images of shape {spec.input_shape}, got {tuple(tensor.shape[1:])}")
-    return tensor.contiguous(), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if len(targets) != len(tensor) or targets.min() < 0 or targets.max() >= spec.num_classes:
+        raise ValueError(f"{path}: expected one label per image in 0..{spec.num_classes - 1} ({dataset}'s classes)")
+    return tensor.contiguous(), targets
 
 
 def validation_indices(n: int, val_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

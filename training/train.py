@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for field in recipe:
         if getattr(args, field) is None:
             setattr(args, field, recipe[field])
+    if (args.flip or args.tta) and not SPECS[args.dataset].mirror_symmetric:
+        p.error(f"{args.dataset} is not mirror-symmetric (models/specs.py): no --flip or --tta")
     if args.device == "cuda":
         args.channels_last = True  # tensor cores want NHWC; bf16 autocast below (on a CPU without AMX, 12× slower)
     return args
