@@ -198,6 +198,8 @@ def test_a_new_data_set_and_network_serve_in_every_form_and_protocol(project, se
         "multipart": requests.post(url, files={"data": ("x.png", pngs[0], "image/png")}, timeout=60).json(),
         "base64 text": requests.post(url, data=b64(pngs[0]), headers={"Content-Type": "text/plain"},
                                      timeout=60).json(),
+        "data URL": requests.post(url, data="data:image/png;base64," + b64(pngs[0]),
+                                  headers={"Content-Type": "text/plain"}, timeout=60).json(),
         "json": requests.post(url, json={"data": b64(pngs[0])}, timeout=60).json(),
         "json batch": requests.post(url, json={"data": [b64(pngs[0])]}, timeout=60).json()[0],
         "KServe v1": requests.post(url, json={"instances": [{"b64": b64(pngs[0])}]},
@@ -210,12 +212,14 @@ def test_a_new_data_set_and_network_serve_in_every_form_and_protocol(project, se
     for name, answer in answers.items():
         assert same(answer, expected, tol), (name, answer, expected)
 
-    v2 = requests.post(url, json={"id": "r1", "inputs": [{"name": "pixels", "datatype": "UINT8",
-                                                          "shape": [1, 64, 64, 3],
-                                                          "data": images[0].flatten().tolist()}]}, timeout=60)
-    assert v2.status_code == 200, v2.text
-    labels = next(o for o in v2.json()["outputs"] if o["name"] == "labels")
-    assert v2.json()["id"] == "r1" and labels["data"][0] == next(iter(expected))
+    pixels = images[0].flatten().tolist()
+    for tensor in ({"name": "pixels", "datatype": "UINT8", "shape": [1, 64, 64, 3], "data": pixels},
+                   {"name": "images", "datatype": "BYTES", "shape": [1], "data": [b64(pngs[0])]}):
+        v2 = requests.post(url, json={"id": "r1", "inputs": [tensor]}, timeout=60)  # KServe v2
+        assert v2.status_code == 200, v2.text
+        outputs = {o["name"]: o["data"] for o in v2.json()["outputs"]}
+        assert v2.json()["id"] == "r1" and outputs["labels"] == list(expected), tensor["datatype"]
+        assert outputs["probabilities"] == pytest.approx(list(expected.values()), abs=tol + 1e-6)
     wrong = requests.post(url, json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 32, 32, 3],
                                                  "data": [0] * 3072}]}, timeout=60)
     assert wrong.status_code == 400 and "64" in wrong.text  # the new input shape is the one checked
