@@ -190,11 +190,16 @@ def top1_v2(body: dict) -> list[str]:
 def test_readiness_and_a_request_at_that_moment(pod):
     """The 0.12.0 wrapper says ready only once every default version has a READY worker (it polls TorchServe's
     management API); the 0.9.0 wrapper says ready as soon as it finds a .mar file, before any worker is up
-    (its TorchserveModel.load), so there a request at that moment waits in TorchServe's queue. Either way the
-    request at that moment is answered correctly."""
+    (its TorchserveModel.load), so there a request at that moment waits in TorchServe's queue, or, when java has
+    not bound its inference port yet (TorchServe registers every archive first), fails inside KServe's server
+    with a connection error (README, "Which runtime"; seen once in a fresh-clone CI run here). With the 0.12.0
+    wrapper the request at that moment is answered correctly."""
     if pod.stack == "0.12.0":
         assert pod.not_ready_at_ready == []
-    assert pod.first_answer == (200, ["cat"])
+        assert pod.first_answer == (200, ["cat"])
+    else:
+        status, body = pod.first_answer
+        assert (status, body) == (200, ["cat"]) or (status == 500 and "ConnectError" in body), pod.first_answer
 
 
 @REST
