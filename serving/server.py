@@ -262,6 +262,7 @@ class TorchServe:
         self.tmp_dir = self.run_dir / "tmp"
         self.logs = LogReader([self.log_dir / "ts.out", self.log_dir / "ts_log.log", self.log_dir / "model_log.log"])
         self.orphans_killed = 0
+        self.drift_at_start: Drift | None = None  # what `start` found on a server already running (`drift`)
         self.http = session()  # http(s) and http+unix (the default profile's management API is a Unix socket)
         # TorchServe's worker socket for this TMPDIR, the one form `owns` accepts for a worker
         self.worker_socket = re.compile(re.escape(str(self.tmp_dir)) + r"/\.ts\.sock\.\d+")
@@ -417,9 +418,9 @@ class TorchServe:
         config edited after the start) would never get one, so that is said at once instead.
         """
         if self.pid() is not None:
-            drift = self.drift()
-            if drift and drift.missing:
-                raise StartupError(drift.report())
+            self.drift_at_start = self.drift()
+            if self.drift_at_start and self.drift_at_start.missing:
+                raise StartupError(self.drift_at_start.report())
             self.logs.mark()
             self.wait_ready(timeout, launched=False)
             self.launch_front()
@@ -890,8 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make serve failed: {exc}", file=sys.stderr)
         return 1
     (ROOT / "logs" / "profile").write_text(args.profile + "\n")
-    drift = server.drift() if already else None
-    print(banner(server, seconds, already, drift))
+    print(banner(server, seconds, already, server.drift_at_start))
     return 0
 
 
