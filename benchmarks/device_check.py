@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from benchmarks.run import images_per_second
+from models import reference
 from models.specs import SPECS
 from serving.catalog import ROOT, SHIPPED, ModelVersion
 from serving.inprocess import InProcessHandler, unpack
-from training import reference
 
 BATCHES = (8, 64)
 EXPLAINED = 4  # images explained on each side (Integrated Gradients; the handler's per-request limit)

@@ -33,7 +33,8 @@ import requests
 from PIL import Image
 
 from benchmarks import soak
-from serving.server import TorchServe, read_properties
+from serving.config import read_properties
+from serving.process import TorchServe
 
 ROOT = Path(__file__).resolve().parent.parent
 

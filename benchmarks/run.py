@@ -37,8 +37,9 @@ from models import numerics
 from models.inference import TTA_LEVELS
 from serving import archive
 from serving.catalog import ROOT, SHIPPED, ModelVersion
+from serving.config import free_ports
 from serving.inprocess import InProcessHandler, unpack
-from serving.server import TorchServe, free_ports
+from serving.process import TorchServe
 
 LUA = Path(__file__).with_name("post_png.lua")
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -50,7 +51,7 @@ def bench_images(dest: Path, count: int = 64) -> list[Path]:
 
     npz = ROOT.parent / "shared" / "data" / "cifar10_train.npz"
     if npz.exists():
-        from training import data
+        from models import data
 
         images, labels = data.load("cifar10", "npz", npz)
         pixels = data.split(images, labels, 5000).val_images[:count].permute(0, 2, 3, 1).numpy()

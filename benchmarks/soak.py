@@ -31,7 +31,7 @@ import psutil
 import requests
 
 from client.api import DEFAULT_MANAGEMENT_URL
-from client.transport import base_url, session
+from serving.transport import base_url, session
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

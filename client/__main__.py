@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 
 from client.api import DEFAULT_MANAGEMENT_URL, ServerError, TorchServeClient, numerics_choice
-from client.transport import socket_path
+from serving.transport import socket_path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.transport import base_url, session, unix_url
+from serving.transport import base_url, session, unix_url
 
 # Where `make serve` (config.properties) puts the management API: a Unix socket in this repository's logs/.
 DEFAULT_MANAGEMENT_URL = unix_url(Path(__file__).resolve().parents[1] / "logs" / "management.sock")
@@ -106,16 +106,6 @@ class TorchServeClient:
         answer = self._call("inference", "POST", f"/v2/models/{model}/infer", json=body)
         outputs = {o["name"]: o["data"] for o in answer["outputs"]}
         return dict(zip(outputs["labels"], outputs["probabilities"], strict=True))
-
-    def predict_many(self, images: list[bytes | str | Path], model: str = "cifar10", version: str | None = None,
-                     topk: int | None = None) -> list[dict[str, float]]:
-        """Several images in one request (a client-side batch as JSON base64); one answer per image."""
-        encoded = [base64.b64encode(Path(i).read_bytes() if isinstance(i, (str, Path)) else i).decode()
-                   for i in images]
-        body: dict[str, Any] = {"data": encoded}
-        if topk is not None:
-            body["topk"] = topk
-        return self._call("inference", "POST", self._predict_path(model, version), json=body)
 
     # --- management -----------------------------------------------------------------------------------------
     def versions(self, model: str) -> list[dict]:

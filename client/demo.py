@@ -23,7 +23,8 @@ import requests
 
 from client.api import ServerError, TorchServeClient
 from serving.catalog import ROOT
-from serving.server import local, read_properties, running_profile
+from serving.config import read_properties
+from serving.server import local, running_profile
 
 STATIC = Path(__file__).resolve().parent / "static"
 

@@ -210,7 +210,7 @@ class ImageClassifier(BaseHandler):
     def _temperature(self, model_dir: Path) -> float:
         """T for this TTA level and numeric mode: an ONNX Runtime mode's own from the archive's numerics.json
         (int8's logits differ, so the build fitted its T on the validation split, serving/quantize.py), any other
-        mode's from the model card (training/calibration.py fits it there). An archive built from a card without
+        mode's from the model card (models/calibration.py fits it there). An archive built from a card without
         calibration serves T = 1, the uncalibrated softmax, and says so in its log."""
         card_file = model_dir / "model_card.json"
         card = json.loads(card_file.read_text()) if card_file.exists() else {}

@@ -4,7 +4,7 @@ so that all three compute the same numbers.
 Level 0 is one forward pass; level 1 adds the mirror image; level 2 (airbench's) also adds the image shifted one
 pixel up-left and down-right, each with its mirror image. Levels 1 and 2 cost 2× and 6× the forward passes, which
 is why serving switches them in the model-config YAML (`handler.tta`). A served probability is the weighted mean
-of the views' softmax(logits / T), T being the temperature fitted for that level (training/calibration.py).
+of the views' softmax(logits / T), T being the temperature fitted for that level (models/calibration.py).
 Shipped in every archive, so it imports nothing but torch.
 """
 from __future__ import annotations

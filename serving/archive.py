@@ -8,7 +8,7 @@ data set's spec, generated here: it says nothing else), the model-config YAML (m
 serving/catalog.py) and, as extra files, the
 `handlers/` and `models/` modules the handler imports (kept as packages, so the same import lines work in the
 repository and in the worker), `index_to_name.json`, the data set's reference images with fp32's top-1 for them
-(`reference.npz`, see training/reference.py and models/numerics.py) and the weights' model card
+(`reference.npz`, see models/reference.py and models/numerics.py) and the weights' model card
 (`model_card.json`, whose calibration section gives the temperature the handler divides logits by), and the
 network as ONNX Runtime runs it: `model.onnx`, `model.int8.onnx` and what they measured, `numerics.json`
 (serving/quantize.py). Each archive gets a `.sha256` file beside it, which `make serve` checks before it starts.
@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import zoo
+from models import reference, zoo
 from models.checksum import sha256_of
 from models.numerics import Runner, cpu_model, isa, load_reference, top1
 from models.specs import SPECS
 from serving import quantize
 from serving.catalog import ROOT, SHIPPED, ModelVersion, model_config
-from training import reference
 
 STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/explaining.py",
                   "handlers/imaging.py", "handlers/payload.py", "handlers/oip.py", "models/__init__.py",

@@ -37,7 +37,7 @@ from pathlib import Path
 from models.checksum import sha256_of
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
-from serving.server import PROFILES, read_properties
+from serving.config import PROFILES, read_properties
 
 MOUNT = "/mnt/models"
 # TorchServe on 8085 behind KServe's server, as the runtime's sample config has it, but on the pod's loopback;

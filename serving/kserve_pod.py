@@ -35,7 +35,9 @@ import requests
 import yaml
 
 from serving.catalog import ROOT
-from serving.server import StartupError, TorchServe, port_is_free
+from serving.config import port_is_free
+from serving.preflight import StartupError
+from serving.process import TorchServe
 
 STACKS = ("0.9.0", "0.12.0")
 KFS = ROOT.parent / "shared" / "kserve" / "torchserve-kfs"

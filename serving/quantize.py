@@ -5,10 +5,10 @@
 For every archive `make archive` exports the network (BatchNorm folded into the convolutions, exact in eval
 mode) to `model.onnx`, quantizes it to `model.int8.onnx` (models/onnx_runtime.py says why this recipe: static
 QDQ, per-channel 7-bit int8 weights, uint8 activations with MinMax ranges, the first convolution in float32),
-calibrated on the committed slice of the *training* split (training/reference.py), checks both against fp32's
+calibrated on the committed slice of the *training* split (models/reference.py), checks both against fp32's
 answers for the reference images, and writes `numerics.json`: per mode, its top-1 agreement with fp32 there and,
 per TTA level, its accuracy, temperature and ECE on the whole validation split. int8's logits differ from fp32's,
-so its temperature is fitted anew (training/calibration.py); ONNX Runtime fp32's agree to 1e-5 and use fp32's.
+so its temperature is fitted anew (models/calibration.py); ONNX Runtime fp32's agree to 1e-5 and use fp32's.
 
 Measuring takes minutes (5,000 images, every TTA view, each mode), so `make reference` records the numbers
 beside the weights (`<weights>.numerics.json`, with the host that measured them), keyed by everything that
@@ -39,6 +39,7 @@ from models import onnx_runtime, zoo
 from models.checksum import sha256_of
 from models.inference import TTA_WEIGHTS, tta_views
 from models.numerics import MIN_AGREEMENT, cpu_model, isa, load_reference, top1
+from models.reference import calibration_path_for, path_for
 from models.specs import SPECS, DatasetSpec
 from serving.catalog import ROOT, SHIPPED, ModelVersion
 
@@ -59,8 +60,6 @@ def record_path(weights: Path) -> Path:
 
 def calibration_images(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """The committed int8 calibration images (uint8 N×C×H×W) and their indices into the training file."""
-    from training.reference import calibration_path_for
-
     with np.load(calibration_path_for(dataset)) as saved:
         return saved["images"], saved["train_indices"]
 
@@ -72,7 +71,7 @@ def check_calibration(images: np.ndarray, forbidden: np.ndarray, what: str) -> N
     overlap = sum(image.tobytes() in seen for image in images)
     if overlap:
         raise ValueError(f"{overlap} of the {len(images)} int8 calibration images are {what}: calibrate on the "
-                         "training split (training/reference.py), never on the images that judge the model")
+                         "training split (models/reference.py), never on the images that judge the model")
 
 
 def export(network: nn.Module, spec: DatasetSpec, path: Path) -> None:
@@ -117,7 +116,7 @@ def quantize(fp32_path: Path, out: Path, calibration: torch.Tensor) -> None:
 def validation_split(card: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The validation images and labels the card's numbers were measured on, where the training file it names is
     on disk and unchanged (its sha256 is in the card); else None."""
-    from training import data
+    from models import data
 
     path = (ROOT / card["data"]["path"]).resolve()
     if card["data"].get("source") != "npz" or not path.is_file() or sha256_of(path) != card["data"]["sha256"]:
@@ -131,7 +130,7 @@ def levels_of(runner: object, images: torch.Tensor, labels: torch.Tensor, spec: 
               temperatures: dict[str, float] | None) -> dict[str, dict]:
     """Per TTA level: accuracy, ECE and the temperature (fitted here where `temperatures` is None) of the served
     probabilities, by the serving formula."""
-    from training import calibration
+    from models import calibration
 
     normalised = spec.normalize(images)
     levels = {}
@@ -155,8 +154,6 @@ def card_levels(card: dict) -> dict[str, dict]:
 
 
 def record_key(model: str, weights: Path) -> dict:
-    from training.reference import calibration_path_for
-
     return {"weights_sha256": sha256_of(weights), "calibration_sha256": sha256_of(calibration_path_for(model)),
             "recipe": RECIPE, "onnxruntime": onnx_runtime.onnxruntime_version()}
 
@@ -178,8 +175,6 @@ def build(model: str, weights: Path, arch: zoo.Architecture, dest: Path, fp32_to
     numerics.json says. A file whose reference answers agree with fp32's on less than MIN_AGREEMENT is not shipped
     (its absence is said in numerics.json): a worker would refuse it anyway. `calibration`: uint8 images to
     calibrate on instead of the committed ones (checked the same way)."""
-    from training.reference import path_for
-
     if onnx_runtime.onnxruntime_version() is None:
         raise RuntimeError("onnxruntime is not installed: make install")
     spec = SPECS[model]
@@ -239,7 +234,6 @@ def host() -> dict:
 def record(version: ModelVersion) -> Path:
     """Measure a shipped version's ORT files afresh and commit the numbers beside its weights."""
     from serving.archive import computed_fp32_top1, recorded_fp32_top1
-    from training.reference import path_for
 
     arch = zoo.get(version.arch)
     fp32 = recorded_fp32_top1(version.model, version.weights)

@@ -6,7 +6,6 @@ The odd-but-valid images (16-bit, CMYK, palette, animated GIF, huge top-k) must 
 """
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from tests import images
+from tests.images import b64
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,6 @@ class Case:
         return kwargs
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def _cmyk_jpeg() -> bytes:
     return images.encode(images.noise(32, 32).convert("CMYK"), "JPEG")
 
@@ -65,7 +61,7 @@ CT_TEXT = {"Content-Type": "text/plain"}
 
 def corpus() -> list[Case]:
     nested = "[" * 100_000 + "]" * 100_000
-    b64_png = _b64(PNG)
+    b64_png = b64(PNG)
     deep_list: object = b64_png
     for _ in range(50):
         deep_list = [deep_list]
@@ -107,7 +103,7 @@ def corpus() -> list[Case]:
         # base64
         Case("base64 bad padding", 400, "Incorrect padding", json_body={"data": "abcdef"}),
         Case("base64 bad characters", 400, "invalid base64", json_body={"data": "@@@@####"}),
-        Case("base64 of text", 400, "not a decodable image", json_body={"data": _b64(b"just text")}),
+        Case("base64 of text", 400, "not a decodable image", json_body={"data": b64(b"just text")}),
         Case("base64 empty string", 400, "base64 string is empty", json_body={"data": ""}),
         Case("data URL with junk", 400, "invalid base64", body="data:image/png;base64,%%%%", headers=CT_TEXT),
         Case("base64 text bad length", 400, "invalid base64", body="abcde", headers=CT_TEXT),

@@ -11,7 +11,7 @@ from typing import Any
 
 import requests
 
-from serving.server import free_ports
+from serving.config import free_ports
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C key under which an element reference comes back
 

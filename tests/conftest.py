@@ -33,7 +33,7 @@ def shared_npz(dataset: str) -> Path:
 @pytest.fixture(scope="session")
 def validation_split():
     """Per data set, the (images, labels) of the fixed validation split of the real training data."""
-    from training import data
+    from models import data
 
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

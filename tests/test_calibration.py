@@ -7,13 +7,13 @@ import shutil
 import pytest
 import torch
 
+from models import calibration
 from models.inference import calibrated_probabilities
 from models.numerics import ORT_MODES
 from models.specs import SPECS
 from serving.catalog import SHIPPED
 from tests import images, reference
 from tests.conftest import version_key
-from training import calibration
 from training.evaluate import view_logits
 
 VERSIONS = {f"{v.model}-{v.version}": v for v in SHIPPED}

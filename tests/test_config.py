@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from serving.catalog import ROOT, SHIPPED, model_config
-from serving.server import PROFILES, read_properties
+from serving.config import PROFILES, read_properties
 
 BATCHING = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 
@@ -134,7 +134,7 @@ def test_a_unix_socket_address_goes_to_the_servers_run_folder(tmp_path):
     """`management_address=unix:management.sock` is written as an absolute path in the run folder of the config
     being written (logs/ for `make serve`, a test's own folder on free ports), never moved to a TCP port; a path
     the kernel cannot bind is refused with the reason."""
-    from serving.server import config_on_free_ports
+    from serving.config import config_on_free_ports
 
     written = read_properties(config_on_free_ports(PROFILES["default"], tmp_path / "run" / "config.properties",
                                                    tmp_path / "store"))
@@ -150,8 +150,10 @@ def test_a_stale_management_socket_is_cleared_and_a_live_one_refuses_the_start(t
     A socket something still listens on is another server's, and the start says so instead."""
     import socket
 
-    from client.transport import socket_path
-    from serving.server import StartupError, TorchServe, config_on_free_ports
+    from serving.config import config_on_free_ports
+    from serving.preflight import StartupError
+    from serving.process import TorchServe
+    from serving.transport import socket_path
 
     run = tmp_path / "run"
     config = config_on_free_ports(PROFILES["default"], run / "config.properties", tmp_path / "store")

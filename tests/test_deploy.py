@@ -153,7 +153,7 @@ def test_the_image_runs_and_checks_what_the_suite_runs():
     assert entrypoint[:4] == ["python", "-m", "serving.server", "run"]
     assert health[:4] == ["python", "-m", "serving.server", "health"] and health[4:] == entrypoint[4:]
     assert "USER model-server" in dockerfile.read_text() and "STOPSIGNAL SIGTERM" in dockerfile.read_text()
-    for source in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), re.MULTILINE):
+    for source in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text().replace("\\\n", " "), re.MULTILINE):
         for part in shlex.split(source):
             assert (ROOT / part).exists() or part.startswith("build/"), part
 
@@ -181,7 +181,7 @@ def test_memory_limits_hold_the_measured_peaks_of_what_the_pod_runs(path):
     """Requests equal limits (Guaranteed QoS: the pod is the last one evicted), and the limit holds every
     worker's peak, java's bound (its config's heap and direct caps plus what it needs beyond them), KServe's
     server and the margin: adding a worker or raising the heap without raising the limit fails here."""
-    from serving.server import PROFILES, read_properties
+    from serving.config import PROFILES, read_properties
     from tests import jvm
 
     manifest = yaml.safe_load(path.read_text())

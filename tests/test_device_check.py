@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from benchmarks import device_check
+from models.reference import path_for
 from serving import archive
 from serving.catalog import SHIPPED
-from training.reference import path_for
 
 
 def test_the_device_check_compares_answers_explanations_and_speed(tmp_path, capsys):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from models import numerics
+from models.reference import path_for
 from models.specs import SPECS
 from serving.catalog import SHIPPED
 from tests import images, reference
 from tests.conftest import version_key
-from training.reference import path_for
 
 VERSIONS = {f"{v.model}-{v.version}": v for v in SHIPPED}
 # Completeness: IG's attributions sum to output(image) - output(baseline) for the target class, up to the error of

@@ -17,6 +17,7 @@ from serving.catalog import SHIPPED
 from tests import images, reference
 from tests.answers import same, same_response, tolerance, unexplained_top1_differences
 from tests.conftest import ROOT, require, version_key
+from tests.images import b64
 
 VERSIONS = [version_key(v.model, v.version) for v in SHIPPED]
 CIFAR10_VERSIONS = [key for key in VERSIONS if key.startswith("cifar10")]
@@ -27,10 +28,6 @@ PNG = images.encode(images.noise(32, 32))
 def mode_tolerance(h) -> float:
     """The tolerance of the numeric mode the harness's worker reports (tests/answers.py)."""
     return tolerance(h.handler.describe()["numerics"]["mode"])
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def assert_topk(body: dict, k: int, labels: tuple[str, ...]) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from models.checksum import sha256_of
 from serving import kserve
-from serving.server import PROFILES, read_properties
+from serving.config import PROFILES, read_properties
 
 
 @pytest.fixture(scope="module")

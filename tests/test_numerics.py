@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from models import numerics, onnx_runtime, zoo
+from models.reference import path_for
 from models.specs import SPECS
 from serving.catalog import SHIPPED
 from tests import reference, standin
 from tests.conftest import shared_npz, version_key
 from tests.standin import StandIn
-from training.reference import path_for
 
 
 def LayoutSensitive(cl_agrees: bool) -> StandIn:  # noqa: N802 (reads as the network it builds)
@@ -93,7 +93,8 @@ def test_every_mode_returns_float32_logits_of_the_fp32_network():
 
 @pytest.mark.parametrize("dataset", sorted(SPECS))
 def test_the_reference_images_are_the_first_of_the_validation_split(dataset):
-    from training.reference import REFERENCE_SIZE, reference_set
+    from models.reference import REFERENCE_SIZE
+    from training.reference import reference_set
 
     images, labels, _ = numerics.load_reference(path_for(dataset))
     expected_images, expected_labels = reference_set(dataset, "npz", shared_npz(dataset))

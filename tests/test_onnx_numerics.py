@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from models import numerics, onnx_runtime, zoo
+from models.reference import path_for
 from models.specs import SPECS
 from serving import archive, quantize
 from serving.catalog import SHIPPED
 from tests import reference
-from training.reference import path_for
 
 V2 = next(v for v in SHIPPED if (v.model, v.version) == ("cifar10", "2.0"))
 MNIST = next(v for v in SHIPPED if v.model == "mnist")

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import zoo
+from models import data, zoo
 from models.checksum import sha256_of
 from models.specs import CIFAR10, SPECS
 from serving.catalog import SHIPPED
-from training import data, evaluate, export, train
+from tests import reference
+from training import evaluate, export, train
+from training.augment import augment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +120,7 @@ def test_augment_translates_and_flips_whole_batches():
     """Each output image is one of its input's shifts (zero fill) or their mirror images, and a seeded batch of
     64 uses many different ones, flips included: a no-op or a wrong shift fails."""
     images = torch.randint(1, 256, (64, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    out = data.augment(images, pad=2, flip=True, generator=torch.Generator().manual_seed(0))
+    out = augment(images, pad=2, flip=True, generator=torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.dtype == torch.uint8
     chosen = []
     for source, result in zip(images, out, strict=True):
@@ -129,7 +131,7 @@ def test_augment_translates_and_flips_whole_batches():
     assert len(set(chosen)) >= 10  # 50 possible (dy, dx, flip); a seeded draw of 64 covers many
     assert any(flip for _, _, flip in chosen) and not all(flip for _, _, flip in chosen)
     assert any((dy, dx) != (2, 2) for dy, dx, _ in chosen)  # (2, 2) is no shift at all
-    assert torch.equal(data.augment(images, pad=0, flip=False, generator=torch.Generator()), images)
+    assert torch.equal(augment(images, pad=0, flip=False, generator=torch.Generator()), images)
 
 
 def test_evaluate_prints_per_class_accuracy_and_writes_plots(tmp_path, capsys):
@@ -189,8 +191,7 @@ def test_training_and_serving_read_the_same_constants():
 def test_shipped_weights_load_weights_only_and_reach_the_card_accuracy(version, validation_split):
     card = json.loads(version.weights.with_suffix(".json").read_text())
     assert card["weights"]["sha256"] == sha256_of(version.weights)
-    model = zoo.get(version.arch).build()
-    model.load_state_dict(torch.load(version.weights, weights_only=True))
+    model = reference.network(version)
     images, labels = validation_split(version.model)
     spec = SPECS[version.model]
     with torch.inference_mode():

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import zoo
+from models import calibration, zoo
 from models.inference import TTA_WEIGHTS, tta_logits, tta_views
 from models.specs import SPECS, DatasetSpec
-from training import calibration
 
 
 @torch.inference_mode()
@@ -53,7 +52,7 @@ def view_logits(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, level
 
 def calibration_report(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec) -> dict:
     """The model card's `calibration` section: a temperature per TTA level, fitted on these (validation) images,
-    with ECE / NLL / Brier before and after (training/calibration.py)."""
+    with ECE / NLL / Brier before and after (models/calibration.py)."""
     levels = {str(level): calibration.calibrate(*view_logits(model, images, spec, level), labels)
               for level in spec.tta_levels}
     return {"method": "temperature scaling: softmax(logits / T), T minimising NLL on the validation split; with "
@@ -115,7 +114,7 @@ def plot_curve(history: list[dict], title: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from training import data
+    from models import data
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, required=True, help="a state_dict with a model card (.json) beside it")

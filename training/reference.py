@@ -1,5 +1,5 @@
-"""The reference images shipped in every archive (a fixed sample of the held-out validation split), and the images
-int8 quantization is calibrated on (a fixed slice of the training split).
+"""Writing the reference images shipped in every archive (a fixed sample of the held-out validation split), and the
+images int8 quantization is calibrated on (a fixed slice of the training split); models/reference.py says where.
 
     python -m training.reference --dataset cifar10 --data-source npz --data-path ../shared/data/cifar10_train.npz
 
@@ -20,46 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models import data
+from models.reference import (
+    REFERENCE_SIZE,
+    calibration_of,
+    calibration_path_for,
+    calibration_set,
+    path_for,
+    reference_of,
+    reference_set,
+)
 from models.specs import SPECS
-from models.zoo import WEIGHTS_DIR
-from training import data
-
-REFERENCE_SIZE = 400  # 99% agreement then allows 4 disagreements; fp32 on 400 images costs ~2 s (2.0, Zen 3)
-CALIBRATION_SIZE = 512  # int8 activation ranges: 512 gave the same agreement as more (../shared/notes/round3.md)
-
-
-def path_for(dataset: str) -> Path:
-    return WEIGHTS_DIR / f"{dataset}_reference.npz"
-
-
-def calibration_path_for(dataset: str) -> Path:
-    return WEIGHTS_DIR / f"{dataset}_calibration.npz"
-
-
-def calibration_set(dataset: str, source: str, path: Path, val_size: int = 5000,
-                    count: int = CALIBRATION_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 N×C×H×W images, their indices into the training file): the first `count` of the training split."""
-    images, labels = data.load(dataset, source, path)
-    return calibration_of(images, labels, val_size, count)
-
-
-def calibration_of(images: torch.Tensor, labels: torch.Tensor, val_size: int,
-                   count: int = CALIBRATION_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    train_idx, _ = data.validation_indices(len(labels), val_size)
-    return images[train_idx[:count]].numpy(), train_idx[:count]
-
-
-def reference_set(dataset: str, source: str, path: Path, val_size: int = 5000,
-                  count: int = REFERENCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 N×C×H×W images, int64 labels): the first `count` images of the validation split."""
-    images, labels = data.load(dataset, source, path)
-    return reference_of(images, labels, val_size, count)
-
-
-def reference_of(images: torch.Tensor, labels: torch.Tensor, val_size: int,
-                 count: int = REFERENCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    split = data.split(images, labels, val_size)
-    return split.val_images[:count].numpy(), split.val_labels[:count].numpy()
 
 
 def write_missing(dataset: str, images: torch.Tensor, labels: torch.Tensor, val_size: int) -> list[Path]:

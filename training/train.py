@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import zoo
+from models import data, zoo
 from models.checksum import sha256_of
 from models.specs import SPECS
-from training import data, reference
+from training import reference
+from training.augment import augment
 from training.evaluate import accuracy_report, calibration_report, predict
 
 
@@ -145,7 +146,7 @@ def train_one_epoch(model: nn.Module, split: data.Split, args: argparse.Namespac
     batches = order.split(args.batch_size)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", leave=False, disable=None)
     for idx in bar:
-        images = data.augment(split.train_images[idx], args.translate, args.flip, generator)
+        images = augment(split.train_images[idx], args.translate, args.flip, generator)
         x = spec.normalize(images.to(args.device, non_blocking=True)).contiguous(memory_format=memory_format)
         y = split.train_labels[idx].to(args.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda"):

@@ -15,7 +15,7 @@ from grpc_tools import protoc
 
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
-from serving.server import TorchServe
+from serving.process import TorchServe
 
 
 def pytest_collection_modifyitems(items):

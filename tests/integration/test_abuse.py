@@ -2,7 +2,6 @@
 inside every limit, and per-request headers that TorchServe's base handler would apply to a whole batch."""
 from __future__ import annotations
 
-import base64
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ import requests
 from PIL import Image
 
 from serving.catalog import ROOT
+from tests.images import b64
 from tests.integration.test_reliability import worker_pids
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
@@ -22,10 +22,6 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import requests
 
 from serving import kserve
 from serving.catalog import ROOT
+from serving.config import config_on_free_ports, read_properties
 from serving.kserve_pod import stack_python
-from serving.server import config_on_free_ports, read_properties
 from tests.conftest import require
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()

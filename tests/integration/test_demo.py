@@ -11,7 +11,7 @@ import requests
 from client import demo
 from handlers.explaining import Slots
 from serving.catalog import ROOT
-from serving.server import free_ports
+from serving.config import free_ports
 from tests import browser
 from tests.conftest import require
 from tests.integration.conftest import running

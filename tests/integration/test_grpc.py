@@ -154,7 +154,7 @@ def test_a_dead_front_is_reported_by_the_health_check_and_started_again_by_make_
     `start` on the running server (what `make serve` does again) starts a new one, which answers."""
     import psutil
 
-    from serving.server import healthy
+    from serving.container import healthy
 
     pid = served.front_pid()
     assert pid is not None and healthy(served) == []

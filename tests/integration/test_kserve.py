@@ -3,7 +3,6 @@ to 127.0.0.1 instead of the layout's 0.0.0.0, and the model store's path), with 
 KServe may give TS_SERVICE_ENVELOPE: v1 and v2 clients at once, sharing server-side batches."""
 from __future__ import annotations
 
-import base64
 import io
 import subprocess
 import sys
@@ -17,14 +16,11 @@ from PIL import Image
 from serving import kserve
 from serving.catalog import ROOT
 from tests.conftest import require
+from tests.images import b64
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
 HORSE = (ROOT / "examples" / "horse.png").read_bytes()
 SAMPLE = ROOT.parent / "shared" / "kserve" / "samples" / "v2_bytes_conv_mnist_v2_bytes.json"
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,7 @@ def layout(tmp_path_factory):
 @pytest.fixture(scope="module", params=[None, "kserve", "kservev2"], ids=["unset", "kserve", "kservev2"])
 def cluster(request, tmp_path_factory, layout):
     """TorchServe as KServe's runtime starts it: --ts-config and --model-store from the layout."""
-    from serving.server import TorchServe
+    from serving.process import TorchServe
 
     run_dir = tmp_path_factory.mktemp(f"kserve-{request.param}")
     server = TorchServe.on_free_ports(layout / "config" / "config.properties", run_dir, layout / "model-store",
@@ -51,7 +47,7 @@ def test_java_runs_with_the_layouts_memory_bounds(cluster, layout):
     """The bound the pod's memory limit was computed with (README, "Memory") is the one the running JVM holds:
     the heap cap of the layout's vmargs (direct memory follows it) and ExitOnOutOfMemoryError, read from the
     process."""
-    from serving.server import read_properties
+    from serving.config import read_properties
     from tests import jvm
 
     asked = jvm.asked(read_properties(layout / "config" / "config.properties")["vmargs"])
@@ -145,7 +141,7 @@ def test_cli_predict_speaks_kserve_protocols(cluster, protocol):
 
 def test_the_canary_layout_answers_kserve_paths_with_2_0(tmp_path):
     """The canary revision's layout (make kserve: build/kserve-cifar10-canary) makes 2.0 what KServe reaches."""
-    from serving.server import TorchServe
+    from serving.process import TorchServe
 
     layout = kserve.build(tmp_path / "canary", defaults={"cifar10": "2.0"}, only=["cifar10"])
     server = TorchServe.on_free_ports(layout / "config" / "config.properties", tmp_path / "run",

@@ -4,7 +4,6 @@ initializer's call), then TorchServe and the image's `kserve_wrapper` started as
 (serving/kserve_pod.py), and every request sent to KServe's server on 8080/8081, never to TorchServe."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -22,9 +21,10 @@ import requests
 
 from serving import kserve, kserve_pod
 from serving.catalog import ROOT
-from serving.server import free_ports, port_is_free, read_properties
+from serving.config import free_ports, port_is_free, read_properties
 from tests import jvm
 from tests.conftest import require
+from tests.images import b64
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
 HORSE = (ROOT / "examples" / "horse.png").read_bytes()
@@ -32,10 +32,6 @@ DIGIT7 = (ROOT / "examples" / "digit7.png").read_bytes()
 SAMPLE = ROOT.parent / "shared" / "kserve" / "samples" / "v2_bytes_conv_mnist_v2_bytes.json"
 BUCKET, PREFIX = "models", "classifiers/kserve"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")

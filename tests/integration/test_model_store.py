@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from serving.catalog import ROOT
-from serving.server import StartupError, TorchServe
+from serving.preflight import StartupError
+from serving.process import TorchServe
 from tests.integration.conftest import describe
 
 

@@ -10,7 +10,6 @@ architecture table, reference images.
 """
 from __future__ import annotations
 
-import base64
 import io
 import json
 import shutil
@@ -26,6 +25,7 @@ from PIL import Image
 
 from serving.catalog import ROOT
 from tests.answers import same, tolerance, unexplained_top1_differences
+from tests.images import b64
 
 SPEC = '''
 SHAPES = DatasetSpec(
@@ -78,10 +78,6 @@ def png(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "PNG")
     return out.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def run(project: Path, *command: str) -> str:

@@ -18,7 +18,7 @@ import requests
 
 from benchmarks import soak
 from serving.catalog import ROOT
-from serving.server import TorchServe
+from serving.process import TorchServe
 from tests.bad_inputs import CASES
 from tests.conftest import require
 from tests.integration.conftest import describe

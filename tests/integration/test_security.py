@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from client.transport import socket_path
-from serving.server import free_ports
+from serving.config import free_ports
+from serving.transport import socket_path
 from tests import browser
 from tests.conftest import require
 from tests.integration.test_reliability import listening

@@ -2,7 +2,6 @@
 scaling, metrics, the production profile and the client CLI."""
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import re
@@ -18,15 +17,12 @@ import torch
 from serving import archive
 from serving.catalog import ROOT, SHIPPED
 from tests.answers import same
+from tests.images import b64
 from tests.integration.conftest import describe, served_tolerance
 
 CAT = (ROOT / "examples" / "cat.png").read_bytes()
 HORSE = (ROOT / "examples" / "horse.png").read_bytes()
 DIGIT = (ROOT / "examples" / "digit7.png").read_bytes()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def test_every_input_format_over_http(served, predict_url):
@@ -371,7 +367,7 @@ def test_production_profile_speaks_tls_only(served_prod):
 
 def test_production_keys_are_removed_on_stop(tmp_path, model_store):
     from serving.certs import generate
-    from serving.server import TorchServe
+    from serving.process import TorchServe
 
     certificate, key = generate(tmp_path / "certs")
     server = TorchServe.on_free_ports(ROOT / "config.prod.properties", tmp_path / "run", model_store,

@@ -15,9 +15,11 @@ import psutil
 import pytest
 
 from models.checksum import sha256_of
-from serving import server as server_module
+from serving import config as config_module
+from serving import process as process_module
 from serving.catalog import ROOT
-from serving.server import StartupError, TorchServe
+from serving.preflight import StartupError
+from serving.process import TorchServe
 
 
 def server_for(tmp_path: Path, store: Path) -> TorchServe:
@@ -49,7 +51,7 @@ def test_a_server_on_free_ports_moves_when_a_port_is_taken_first(tmp_path, model
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         taken = blocker.getsockname()[1]
-        real_free_ports = server_module.free_ports
+        real_free_ports = config_module.free_ports
         handed_out = []
 
         def racy_free_ports(count: int) -> list[int]:
@@ -59,15 +61,15 @@ def test_a_server_on_free_ports_moves_when_a_port_is_taken_first(tmp_path, model
             handed_out.append(ports)
             return ports
 
-        monkeypatch.setattr(server_module, "free_ports", racy_free_ports)
+        monkeypatch.setattr(config_module, "free_ports", racy_free_ports)
         # The pre-check looks away, as it would if the port were taken just after it: java's bind must fail.
-        monkeypatch.setattr(server_module, "port_is_free", lambda host, port: True)
+        monkeypatch.setattr(process_module, "port_is_free", lambda host, port: True)
         server = server_for(tmp_path, model_store)
         assert server.ports()[0][1] == taken
         try:
             server.start(timeout=240)
             assert server.ports()[0][1] != taken and len(handed_out) >= 2
-            assert server.not_ready(server.expected_models()) == []
+            assert server.not_ready() == []
         finally:
             server.stop()
 
@@ -121,7 +123,7 @@ def test_serve_on_a_running_server_ignores_old_failures_in_the_logs(served):
         log.write(old)
     again = TorchServe(config=served.config, model_store=served.model_store, run_dir=served.run_dir)
     assert again.start(timeout=60) == 0.0
-    assert served.pid() is not None and served.not_ready(served.expected_models()) == []
+    assert served.pid() is not None and served.not_ready() == []
 
 
 def test_a_stale_pid_file_never_signals_another_process(tmp_path, model_store):
@@ -237,7 +239,7 @@ def test_serve_on_a_server_that_no_longer_matches_its_config_says_what_differs_a
     so the start says which, and what to run, within seconds instead of waiting out its timeout. On the old code
     this waited the full timeout and said only `no READY worker for ... after N s`."""
     properties = served.config.read_text()
-    models = json.loads(server_module.read_properties(served.config)["models"])
+    models = json.loads(config_module.read_properties(served.config)["models"])
     drifted = {"cifar10": {**models["cifar10"], "3.0": {**models["cifar10"]["2.0"], "marName": "cifar10-3.0.mar"}}}
     drifted["cifar10"]["2.0"] = {**drifted["cifar10"]["2.0"], "defaultVersion": True}
     drifted["cifar10"]["1.0"] = {k: v for k, v in drifted["cifar10"]["1.0"].items() if k != "defaultVersion"}
@@ -254,4 +256,4 @@ def test_serve_on_a_server_that_no_longer_matches_its_config_says_what_differs_a
     assert "mnist/1.0: registered on the server, not in drifted.properties" in report
     assert "cifar10: default version 1.0 on the server, 2.0 in drifted.properties" in report
     assert "make stop && make serve" in report
-    assert served.pid() is not None and served.not_ready(served.expected_models()) == []  # nothing was stopped
+    assert served.pid() is not None and served.not_ready() == []  # nothing was stopped

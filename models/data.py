@@ -1,8 +1,9 @@
-"""Training data as uint8 tensors in memory, the fixed validation split, and augmentation on whole batches.
+"""A data set's images as one uint8 N×C×H×W tensor in memory, and the fixed validation split.
 
-Keeping the images as one uint8 N×C×H×W tensor (150 MB for CIFAR-10) and augmenting batches with tensor
-indexing avoids PIL and per-sample Python work, which on two cores would cost more than the small networks'
-forward passes.
+Training reads them (training/train.py), and so does an archive's build, which measures its int8 network on the
+validation split the model card names (serving/quantize.py). One tensor (150 MB for CIFAR-10) rather than PIL
+images keeps augmentation (training/augment.py) to tensor indexing, no per-sample Python work, which on two
+cores would cost more than the small networks' forward passes.
 """
 from __future__ import annotations
 
@@ -67,20 +68,3 @@ def split(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int =
     train_idx, val_idx = validation_indices(len(labels), val_size, seed)
     train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return Split(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
-
-
-def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (zero fill) and optional horizontal flip, for a whole batch."""
-    n, c, h, w = images.shape
-    if pad:
-        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
-        rows = dy + torch.arange(h).view(1, 1, h, 1)
-        cols = dx + torch.arange(w).view(1, 1, 1, w)
-        images = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
-    if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(mask.view(n, 1, 1, 1), images.flip(3), images)
-    return images
-
