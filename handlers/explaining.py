@@ -1,7 +1,7 @@
 """How explanations stay off the predictions' path: slots per version, and a batch's other answers sent first.
 
-Integrated Gradients costs a cifar10 2.0 worker 0.15-0.5 s per 4-image request in 12 steps (README,
-Explanations), a hundred times a prediction, and TorchServe sends every explanation route (`/explanations`,
+Integrated Gradients costs a cifar10 2.0 worker 0.15-0.5 s per 4-image request in 12 steps
+(docs/explanations.md), a hundred times a prediction, and TorchServe sends every explanation route (`/explanations`,
 KServe's `:explain`) to the same workers and the same server-side batches as the predictions. Two rules keep a
 flood of explanations from making predictions wait:
 
@@ -31,10 +31,35 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 EARLY_ANSWERS_CHECKED = ("0.9.0", "0.12.0")
 MESSAGE = "Prediction success"  # what TorchServe's own Service.predict puts in a batch's reply
+
+
+def answers_first(server_version: str | None) -> bool:
+    """Whether this TorchServe is one the early answers were checked against; elsewhere a batch's predictions
+    are answered with its explanation, after it, and the log says so."""
+    if str(server_version) in EARLY_ANSWERS_CHECKED:
+        return True
+    logger.warning("TorchServe %s is not one this handler's early answers were checked against (%s): a batch's "
+                   "predictions are answered with its explanation, after it", server_version,
+                   ", ".join(EARLY_ANSWERS_CHECKED))
+    return False
+
+
+def attribute(integrated_gradients: Any, images: torch.Tensor, targets: torch.Tensor, baseline: torch.Tensor,
+              steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: Integrated Gradients of the target class's output (logit; log-probability for mnist) from the
+    black `baseline` in `steps` steps, summed over channels ([n, H, W]), and the completeness delta (how far the
+    attributions' sum is from output(image) - output(baseline))."""
+    with torch.enable_grad():
+        attributions, delta = integrated_gradients.attribute(
+            images, baselines=baseline.expand_as(images), target=targets, n_steps=steps, internal_batch_size=steps,
+            return_convergence_delta=True)
+    return attributions.sum(1).detach().cpu(), delta.detach().cpu()
 
 
 class Slots:

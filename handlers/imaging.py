@@ -55,13 +55,13 @@ class InputError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request, and one server-side batch, may cost; documented in the README and configurable in the
+    """What one request, and one server-side batch, may cost; documented in docs/serving.md and configurable in the
     archive's model-config YAML.
 
     Decoding costs CPU in proportion to the pixels decoded (measured 11-51 ns per pixel across PNG, WebP, GIF
     and TIFF, an RGBA PNG the worst, on this project's 2-core AMD EPYC host; a JPEG is decoded at 1/2-1/8 scale
     in draft mode and counted at that scale). Pixel budgets are checked from the image headers before anything
-    is decoded; the README has the arithmetic.
+    is decoded; docs/serving.md has the arithmetic.
     """
 
     max_bytes: int = 768 * 1024  # the most a 1 MiB request (max_request_size) carries as base64

@@ -13,6 +13,7 @@ matching the model's input exactly. The answer holds two outputs of shape [N, k]
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import types
@@ -23,9 +24,14 @@ import numpy as np
 
 from handlers.imaging import InputError, Limits, check_image_count, decode_base64
 
+logger = logging.getLogger(__name__)
+
 V2 = "v2"
 TENSOR_TYPES = {"UINT8": (np.uint8, 0, 255), "FP32": (np.float32, 0.0, 1.0)}
 ENVELOPES = ("kserve", "kservev2")
+# TorchServe versions whose loader imports the handler before the envelope (read in ts/model_loader.py, and run
+# with KServe's own server in front by tests/integration/test_kserve_pod.py)
+LOADER_CHECKED = ("0.9.0", "0.12.0")
 
 
 def parse(document: dict, limits: Limits) -> tuple[list[tuple[str, bytes | np.ndarray]], Any, str | None]:
@@ -150,9 +156,12 @@ class _PassThrough:
 def disable_torchserve_envelopes() -> None:
     """Make `TS_SERVICE_ENVELOPE=kserve|kservev2` a no-op in this process (a TorchServe worker).
 
-    The worker imports the handler first, then `ts.torch_handler.request_envelope.<name>` and wraps the handler
-    in that module's first class; registering pass-through modules under those names beforehand keeps the
-    per-request protocol handling of this archive in charge, with batching intact.
+    The worker's loader (ts/model_loader.py `TsModelLoader.load`) imports the handler module, then imports
+    `ts.torch_handler.request_envelope.<name>` and wraps the handler's `handle` in that module's first class, and
+    only then calls `initialize`: by `initialize` the envelope already wraps the handler, so this runs when the
+    handler module is imported. Registering pass-through modules under those names then keeps the per-request
+    protocol handling of this archive in charge, with batching intact. `check_loader` says, from `initialize`,
+    when the TorchServe running is not one whose loader was read and tested to work this way.
     """
     for name in ENVELOPES:
         module = types.ModuleType(f"ts.torch_handler.request_envelope.{name}",
@@ -160,3 +169,12 @@ def disable_torchserve_envelopes() -> None:
         passthrough = type("PassThrough", (_PassThrough,), {"__module__": module.__name__})
         module.PassThrough = passthrough
         sys.modules[module.__name__] = module
+
+
+def check_loader(server_version: str | None) -> None:
+    """Log when this TorchServe's loader was not checked to import the handler before the envelope: there, KServe
+    requests through TorchServe's own envelopes may be read batch-wide rather than one request at a time."""
+    if str(server_version) not in LOADER_CHECKED:
+        logger.warning("TorchServe %s is not one whose loader was checked to let this handler replace the KServe "
+                       "envelopes (%s): with service_envelope set, check that KServe v1/v2 requests still answer "
+                       "one by one", server_version, ", ".join(LOADER_CHECKED))

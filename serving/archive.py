@@ -36,7 +36,8 @@ from models.specs import SPECS
 from serving import quantize
 from serving.catalog import ROOT, SHIPPED, ModelVersion, model_config
 
-STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/explaining.py",
+STAGED_MODULES = ["handlers/__init__.py", "handlers/image_classifier.py", "handlers/answers.py",
+                  "handlers/explaining.py", "handlers/loading.py", "handlers/planning.py",
                   "handlers/imaging.py", "handlers/payload.py", "handlers/oip.py", "models/__init__.py",
                   "models/specs.py", "models/inference.py", "models/numerics.py", "models/onnx_runtime.py"]
 REFERENCE_FILE = "reference.npz"  # the reference images a worker checks a faster numeric mode against
