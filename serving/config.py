@@ -16,8 +16,12 @@ from serving.transport import UNIX
 PROFILES = {"default": ROOT / "config.properties", "prod": ROOT / "config.prod.properties"}
 def read_properties(path: Path) -> dict[str, str]:
     """A `.properties` file's keys and values (TorchServe's config: `key=value` lines, `#` comments)."""
+    return parse_properties(path.read_text())
+
+
+def parse_properties(text: str) -> dict[str, str]:
     properties = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
@@ -56,12 +60,13 @@ def unix_socket(path: str, run_dir: Path) -> Path:
     return socket_file
 
 
-def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | None = None,
-                 overrides: dict[str, str] | None = None) -> Path:
-    """The config TorchServe is started with: `source` with some keys overridden, the model store replaced, TLS
-    file paths made absolute (they are relative to the source's folder; java runs in the run folder), and
-    optionally every port moved. A moved address keeps its scheme and host, so a server on free ports binds
-    where its profile binds (a test of what the profile exposes sees what the profile exposes)."""
+def render_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | None = None,
+                  overrides: dict[str, str] | None = None) -> str:
+    """The config TorchServe is started with, as it will read at `dest`: `source` with some keys overridden, the
+    model store replaced, socket and TLS file paths made absolute (relative to the run folder and to the source's
+    folder; java runs in the run folder), and optionally every port moved. A moved address keeps its scheme and
+    host, so a server on free ports binds where its profile binds (a test of what the profile exposes sees what
+    the profile exposes)."""
     lines, overrides = [], dict(overrides or {})
     for line in source.read_text().splitlines():
         key, _, value = (part.strip() for part in line.partition("="))
@@ -80,8 +85,14 @@ def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | 
             line = f"{key}={(source.parent / value).resolve()}"
         lines.append(line)
     lines += [f"{key}={value}" for key, value in overrides.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(source: Path, dest: Path, store: Path, ports: dict[str, int] | None = None,
+                 overrides: dict[str, str] | None = None) -> Path:
+    """`render_config`'s text, written to `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("\n".join(lines) + "\n")
+    dest.write_text(render_config(source, dest, store, ports, overrides))
     return dest
 
 

@@ -85,9 +85,11 @@ class TorchServe:
     source_config: Path | None = None
     overrides: dict[str, str] | None = None
     env: dict[str, str | None] | None = None  # for java and its workers; None removes a variable
+    properties: dict[str, str] | None = None  # the config's, when it is not (yet) written to `config`
 
     def __post_init__(self) -> None:
-        self.properties = read_properties(self.config)
+        if self.properties is None:
+            self.properties = read_properties(self.config)
         self.log_dir = self.run_dir
         self.tmp_dir = self.run_dir / "tmp"
         self.logs = LogReader([self.log_dir / "ts.out", self.log_dir / "ts_log.log", self.log_dir / "model_log.log"])
@@ -496,7 +498,7 @@ class TorchServe:
 
 @dataclass(frozen=True)
 class Drift:
-    """A running server whose versions are no longer what its config declares (README, "Versions")."""
+    """A running server whose versions are no longer what its config declares (docs/serving.md, "Versions")."""
 
     missing: list[tuple[str, str]]  # configured, not registered: never READY
     extra: list[tuple[str, str]]  # registered since the start, not in the config

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from serving.catalog import ROOT
-from serving.config import PROFILES, write_config
+from serving.config import PROFILES, parse_properties, render_config, write_config
 from serving.container import healthy, run_foreground
 from serving.preflight import StartupError
 from serving.process import Drift, TorchServe
@@ -32,12 +32,13 @@ PROFILE_MARKER = RUN_DIR / "profile"  # which profile the running server was sta
 def local(profile: str = "default", *, prepare: bool = False) -> TorchServe:
     """The server `make serve` runs: ./model_store, logs/ as its run folder, and the profile's config as
     logs/<profile file> (with absolute TLS and socket paths). `prepare` writes that file from the profile, as
-    `start` must; otherwise it is read as the running server was started with it (before any start there is no
-    server of ours to find, and the profile's own file stands in)."""
+    `start` must; otherwise it is read as the running server was started with it, and before any start it is
+    what `start` would write, unwritten."""
     store, config = ROOT / "model_store", RUN_DIR / PROFILES[profile].name
     if prepare:
         write_config(PROFILES[profile], config, store)
-    return TorchServe(config=config if config.exists() else PROFILES[profile], model_store=store, run_dir=RUN_DIR)
+    properties = None if config.exists() else parse_properties(render_config(PROFILES[profile], config, store))
+    return TorchServe(config=config, model_store=store, run_dir=RUN_DIR, properties=properties)
 
 
 def running_profile() -> str:
@@ -82,7 +83,7 @@ def banner(server: TorchServe, seconds: float, already: bool, drift: Drift | Non
         lines.append(f"  management  Unix socket {shown} (curl --unix-socket {shown} http://localhost/models)")
     lines.append(f"  metrics     {server.url('metrics')}/metrics")
     lines.append(f"  gRPC        {server.properties.get('grpc_inference_address', '0.0.0.0')}:{server.grpc_port()} "
-                 "(inference; StreamPredictions2 refused, README \"gRPC\")")
+                 "(inference; StreamPredictions2 refused, docs/serving.md \"gRPC\")")
     lines.append(f"  logs        {server.log_dir}/")
     auth = ""
     if server.token("inference"):
@@ -103,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="which key `token` prints")
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--timeout", type=float, default=180.0)
-    p.add_argument("--config", type=Path, help="run/health: the config TorchServe runs with")
+    p.add_argument("--config", type=Path, help="run/health/token: the config TorchServe runs with")
     p.add_argument("--model-store", type=Path, help="run/health: the model store")
-    p.add_argument("--run-dir", type=Path, help="run/health: a writable folder for logs, pid and sockets")
-    args = p.parse_args(argv)
+    p.add_argument("--run-dir", type=Path, help="run/health/token: a writable folder for logs, pid and sockets")
+    args = p.parse_intermixed_args(argv)  # `token --config C --run-dir R inference` as well as `token inference`
 
     if args.command in ("run", "health"):
         if not (args.config and args.model_store and args.run_dir):
@@ -127,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         print_status(local(running_profile()))
         return 0
-    if args.command == "token":
-        server = local(running_profile())
+    if args.command == "token":  # a server elsewhere than `make serve`'s (a test's) is named by --config and --run-dir
+        server = (TorchServe(config=args.config, model_store=args.config.parent, run_dir=args.run_dir)
+                  if args.config and args.run_dir else local(running_profile()))
         if server.token(args.api) is None:
             print("token authorization is off, or TorchServe is not running with the prod profile", file=sys.stderr)
             return 1

@@ -88,7 +88,7 @@ def test_yaml_limits_are_the_handlers_defaults_and_fit_the_response_timeout(vers
 
 @pytest.mark.parametrize("version", SHIPPED, ids=lambda v: f"{v.model}-{v.version}")
 def test_a_version_with_several_workers_keeps_one_that_only_predicts(version):
-    """Explanations never hold every worker of a version that has more than one (README, Explanations): its
+    """Explanations never hold every worker of a version that has more than one (docs/explanations.md): its
     `explain_workers` is below its minWorkers. A one-worker version explains on its only worker."""
     config = version.config
     explain_workers = config["handler"]["explain_workers"]
@@ -114,14 +114,14 @@ def test_cors_admits_the_demo_origin_only_and_prod_admits_none(tmp_path):
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_the_frontends_memory_is_bounded_in_every_profile(profile):
     """java's heap is capped (and with it direct memory, which defaults to the heap's size), committed from the
-    start, and a heap OutOfMemoryError ends java (README, "Memory"); the queue and netty threads the memory
+    start, and a heap OutOfMemoryError ends java (docs/serving.md, "Memory"); the queue and netty threads the memory
     arithmetic assumes are set, not TorchServe's defaults (100 per version, one thread per CPU the JVM sees)."""
     from tests import jvm
 
     properties = read_properties(PROFILES[profile])
     bounds = jvm.asked(properties["vmargs"])
     assert bounds["ExitOnOutOfMemoryError"] and 0 < bounds["MaxHeapSize"] <= 384 * 2**20
-    # committed and touched at start: java's resident size is flat from the first minute (README, "Memory")
+    # committed and touched at start: java's resident size is flat from the first minute (docs/serving.md, "Memory")
     assert bounds["InitialHeapSize"] == bounds["MaxHeapSize"] and bounds["AlwaysPreTouch"]
     assert bounds["MaxDirectMemorySize"] in (0, bounds["MaxHeapSize"])  # a smaller cap timed workers out
     assert int(properties["job_queue_size"]) == 64 and int(properties["number_of_netty_threads"]) == 2
@@ -189,3 +189,21 @@ def test_model_config_files_say_only_what_differs():
             merged = {**merged, **layer, "handler": {**merged["handler"], **yaml.safe_load(path.read_text()).get(
                 "handler", {})}}
         assert merged == version.config
+
+
+def test_stop_status_and_token_write_nothing(tmp_path, monkeypatch, capsys):
+    """Only `start` writes the run folder's config; the read-only commands read what a running server was started
+    with, or, before any start, what `start` would write (on the old code each of them rewrote
+    logs/config.properties)."""
+    from serving import server
+
+    run_dir = tmp_path / "logs"
+    run_dir.mkdir()
+    monkeypatch.setattr(server, "RUN_DIR", run_dir)
+    monkeypatch.setattr(server, "PROFILE_MARKER", run_dir / "profile")
+    assert server.main(["status"]) == 0 and "not running" in capsys.readouterr().out
+    assert server.main(["stop"]) == 0 and "was not running" in capsys.readouterr().out
+    assert server.main(["token", "inference"]) == 1
+    assert list(run_dir.iterdir()) == []
+    local = server.local()
+    assert local.url("management").endswith(str(run_dir / "management.sock").replace("/", "%2F"))
