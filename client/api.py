@@ -96,7 +96,7 @@ class TorchServeClient:
         if version:
             raise ValueError("KServe's paths reach a model's default version only (TorchServe 0.12 routes no "
                              "version segment on them); use --protocol native for a named version, or serve that "
-                             "version as its own KServe revision (README: canary)")
+                             "version as its own KServe revision (docs/kserve.md: canary)")
         encoded = base64.b64encode(data).decode()
         if protocol == "v1":
             body = {"instances": [{"b64": encoded}], **({"topk": topk} if topk is not None else {})}

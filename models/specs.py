@@ -27,7 +27,8 @@ class DatasetSpec:
     # augmentation, which averages over mirror images (models/inference.py), only makes sense for the first.
     mirror_symmetric: bool = True
     # The torchvision.datasets class that downloads it (`--data-source torchvision`), or None for a data set that
-    # comes as an .npz file only (`images`: uint8 N×H×W×C or N×H×W, `labels`: integers; README, "Your own model").
+    # comes as an .npz file only (`images`: uint8 N×H×W×C or N×H×W, `labels`: integers; docs/models.md, "Your
+    # own model").
     torchvision: str | None = None
     _scale: torch.Tensor = field(init=False, repr=False, compare=False)
     _shift: torch.Tensor = field(init=False, repr=False, compare=False)
@@ -82,5 +83,5 @@ MNIST = DatasetSpec(
 )
 
 # Every data set the project trains, archives and serves: a new one is a DatasetSpec above and its name here;
-# its handler, archive, model config and reference images follow from it (README, "Serve your own classifier").
+# its handler, archive, model config and reference images follow from it (docs/models.md, "Serve your own classifier").
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (CIFAR10, MNIST)}

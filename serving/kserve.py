@@ -18,8 +18,8 @@ version.
 
 The model versions, their workers and batching come from `models=` (the same in both profiles; tests/test_config.py
 and tests/test_kserve_layout.py keep them equal), and the request limits and the frontend's memory settings from
-the production profile as they are: a pod is production, and its memory limit was computed with them (README,
-"Memory"). KServe's v1/v2 paths reach a model's default version
+the production profile as they are: a pod is production, and its memory limit was computed with them
+(docs/serving.md, "Memory"). KServe's v1/v2 paths reach a model's default version
 only (TorchServe routes no version segment there), so a canary of another version is a second layout with that
 version as the default (`--default cifar10=2.0`), served by the InferenceService's canary revision. Token
 authorization is off (the wrapper sends TorchServe no keys) unless --token-auth asks for it; the model API is
@@ -102,7 +102,7 @@ def build(out: Path, token_auth: bool = False, source: Path = PROFILES["prod"],
           model_store: Path = ROOT / "model_store") -> Path:
     """Write the layout into `out` (replacing it) and check every archive against its sha256; `only` keeps
     some models, `defaults` moves a model's default version. A shipped version's archive is built afresh; any
-    other (a version or data set of your own, README "Serve your own classifier") is copied from `model_store`,
+    other (a version or data set of your own, docs/models.md "Serve your own classifier") is copied from `model_store`,
     where `make archive MODEL=...` put it."""
     if out.exists():
         shutil.rmtree(out)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in sorted(out.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}  {path.stat().st_size:,} bytes")
-    print("upload it as the InferenceService's storageUri (README: Deploying on Kubernetes with KServe)")
+    print("upload it as the InferenceService's storageUri (docs/kserve.md: Deploying on Kubernetes with KServe)")
 
 
 if __name__ == "__main__":

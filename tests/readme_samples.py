@@ -1,11 +1,24 @@
-"""The README's sample outputs, made by running its commands against a real TorchServe and kept equal by a test.
+"""The docs' commands, run against a real TorchServe: their sample outputs are made this way and kept equal by tests.
 
-A fenced block right after a `<!-- sample -->` line holds `$ command` lines (a trailing `\\` continues one), each
-followed by what it prints. `<!-- sample: make serve -->` is the banner `make serve` prints
-(`serving.server.banner`). Commands run as written from the repository root, with `http://127.0.0.1:8080` and the
-client's default addresses pointed at the server given.
+A fenced block right after a `<!-- sample -->` line in the README, docs/*.md or SECURITY.md holds `$ command`
+lines (a trailing `\\` continues one), each followed by what it prints. The mark names the server it runs on:
 
-    python -m tests.readme_samples --write    # a TorchServe on free ports from model_store/ (make archive first)
+    <!-- sample -->              the default profile (config.properties); read-only commands
+    <!-- sample: make serve -->  the banner `make serve` prints (`serving.server.banner`)
+    <!-- sample: versions -->    a server of their own from config.properties: they change it (promote, retire),
+                                 run in the docs' order (the README first)
+    <!-- sample: prod -->        the production profile (TLS, tokens: config.prod.properties)
+    <!-- sample: own model -->   commands only (no `$`, no output): docs/models.md's own classifier, run by
+                                 tests/integration/test_own_model.py on its copy of the repository
+    <!-- sample: cluster -->     commands only: what needs a Kubernetes cluster; their requests are run through
+                                 KServe's own server by tests/integration/test_kserve_pod.py
+
+Commands run as written from the repository root; only the addresses (`http://127.0.0.1:8080`, the prod
+profile's https ports, the client's default addresses), the prod profile's certificate, key file and run folder
+are pointed at the server given. `tests/test_docs.py` checks that every shell command in those files that talks to
+a server is in such a block.
+
+    python -m tests.readme_samples --write    # servers on free ports from model_store/ (make archive first)
 
 rewrites every sample, and `tests/readme_samples.json` records the host and the numerics each version served
 with. `tests/integration/test_readme.py` runs the commands again and compares (`same_text`): text equal once
@@ -23,14 +36,18 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.catalog import ROOT
 
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "SECURITY.md"]
 RECORD = Path(__file__).with_name("readme_samples.json")
 MARK = re.compile(r"^<!-- sample(?:: (?P<kind>[a-z ]+))? -->$")
+KINDS = ("", "make serve", "versions", "prod", "own model", "cluster")
+RUN_HERE = ("", "versions", "prod")  # the kinds whose commands this module runs ("make serve" is printed)
+COMMANDS_ONLY = ("own model", "cluster")
 SAME_MODE_TOLERANCE = 1e-5
 OTHER_MODE_TOLERANCE = 1e-2
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
@@ -41,31 +58,83 @@ MASKS = [(re.compile(r"\b\d+:READY\b"), "PID:READY"),
 
 @dataclass
 class Sample:
-    """One `$ command` of a sample block and the output lines the README shows for it."""
+    """One command of a sample block and the output lines the doc shows for it."""
 
     command: str
-    output: list[str]
+    output: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Block:
-    kind: str  # "" for commands, "make serve" for the banner
+    doc: Path
+    kind: str
     first: int  # index of the block's first line inside the fence
     last: int  # index of its closing fence
     samples: list[Sample]
 
+    @property
+    def where(self) -> str:
+        return f"{self.doc.relative_to(ROOT)} line {self.first}"
 
-def blocks(lines: list[str]) -> list[Block]:
+
+@dataclass
+class Target:
+    """A server the commands are pointed at: what replaces the docs' addresses and paths."""
+
+    inference: str
+    management: str
+    replacements: list[tuple[str, str]]
+
+    @classmethod
+    def plain(cls, server) -> Target:
+        """A server of the default profile (its inference, management and metrics addresses)."""
+        inference, management = server.url("inference"), server.url("management")
+        client = (f"{sys.executable} -m client --inference-url {inference} --management-url {management} "
+                  f"--metrics-url {server.url('metrics')}")
+        return cls(inference, management,
+                   [("http://127.0.0.1:8080", inference), (".venv/bin/python -m client", client)])
+
+    @classmethod
+    def prod(cls, server) -> Target:
+        """The production profile's server: its https ports, its certificate, its keys."""
+        token = f"{sys.executable} -m serving.server token --config {server.config} --run-dir {server.run_dir}"
+        return cls(server.url("inference"), server.url("management"), [
+            ("https://127.0.0.1:8443", server.url("inference")), ("https://127.0.0.1:8444", server.url("management")),
+            ("https://127.0.0.1:8445", server.url("metrics")), ("certs/server.crt", str(server.verify)),
+            ("logs/key_file.json", str(server.key_file)), (".venv/bin/python -m serving.server token", token),
+            (".venv/bin/python -m client", f"{sys.executable} -m client")])
+
+    def run(self, command: str, cwd: Path = ROOT, timeout: float = 600) -> str:
+        """What `command` prints (stdout), pointed at this server."""
+        for old, new in self.replacements:
+            command = command.replace(old, new)
+        done = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command}: exit {done.returncode}\n{done.stderr}")
+        return done.stdout.rstrip("\n")
+
+
+def blocks(doc: Path, kinds: tuple[str, ...] = KINDS) -> list[Block]:
+    lines = doc.read_text().splitlines()
     found = []
     for i, line in enumerate(lines):
         mark = MARK.match(line)
         if not mark:
             continue
+        kind = mark.group("kind") or ""
+        if kind not in KINDS:
+            raise ValueError(f"{doc.name} line {i + 1}: unknown sample kind {kind!r} (one of {KINDS})")
         if not lines[i + 1].startswith("```"):
-            raise ValueError(f"README line {i + 1}: a sample mark must be followed by a fenced block")
+            raise ValueError(f"{doc.name} line {i + 1}: a sample mark must be followed by a fenced block")
         last = next(j for j in range(i + 2, len(lines)) if lines[j].startswith("```"))
-        found.append(Block(mark.group("kind") or "", i + 2, last, parse(lines[i + 2:last])))
+        body = lines[i + 2:last]
+        if kind in kinds:
+            found.append(Block(doc, kind, i + 2, last, commands(body) if kind in COMMANDS_ONLY else parse(body)))
     return found
+
+
+def every_block(kinds: tuple[str, ...] = KINDS) -> list[Block]:
+    return [block for doc in DOCS for block in blocks(doc, kinds)]
 
 
 def parse(body: list[str]) -> list[Sample]:
@@ -81,7 +150,7 @@ def parse(body: list[str]) -> list[Sample]:
         while command[-1].endswith("\\"):
             i += 1
             command.append(body[i])
-        samples.append(Sample("\n".join(command), []))
+        samples.append(Sample("\n".join(command)))
         i += 1
     for sample in samples:
         while sample.output and not sample.output[-1].strip():
@@ -89,15 +158,17 @@ def parse(body: list[str]) -> list[Sample]:
     return samples
 
 
-def run(command: str, inference: str, management: str) -> str:
-    """What `command` prints (stdout) from the repository root, against the given server."""
-    command = command.replace("http://127.0.0.1:8080", inference).replace(
-        ".venv/bin/python -m client", f"{sys.executable} -m client --inference-url {inference} "
-                                      f"--management-url {management}")
-    done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"{command}: exit {done.returncode}\n{done.stderr}")
-    return done.stdout.rstrip("\n")
+def commands(body: list[str]) -> list[Sample]:
+    """A commands-only block: every line that is not blank or a comment is a command (`\\` continues one)."""
+    samples, pending = [], []
+    for line in body:
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending.append(line)
+        if not line.endswith("\\"):
+            samples.append(Sample("\n".join(pending)))
+            pending = []
+    return samples
 
 
 def make_serve_banner() -> str:
@@ -107,10 +178,17 @@ def make_serve_banner() -> str:
     return banner(local(), 10.0, already=False).replace(str(ROOT), "/path/to/repo")
 
 
-def outputs(block: Block, inference: str, management: str) -> list[list[str]]:
+def outputs(block: Block, target: Target | None) -> list[list[str]]:
     if block.kind == "make serve":
         return [make_serve_banner().splitlines()]
-    return [run(sample.command, inference, management).splitlines() for sample in block.samples]
+    return [target.run(sample.command).splitlines() for sample in block.samples]
+
+
+def shown(block: Block) -> list[list[str]]:
+    """What the doc shows: the banner's lines, or each command's output lines."""
+    if block.kind == "make serve":
+        return [block.doc.read_text().splitlines()[block.first:block.last]]
+    return [sample.output for sample in block.samples]
 
 
 def render(block: Block, made: list[list[str]]) -> list[str]:
@@ -132,15 +210,15 @@ def masked(text: str) -> str:
 
 
 def same_text(shown: str, made: str, tolerance: float) -> str | None:
-    """None when `made` is what the README shows (masks applied, numbers within `tolerance` plus one unit of
-    their last printed digit), else what differs."""
+    """None when `made` is what the doc shows (masks applied, numbers within `tolerance` plus one unit of their
+    last printed digit), else what differs."""
     shown, made = masked(shown), masked(made)
     if NUMBER.sub("#", shown) != NUMBER.sub("#", made):
-        return f"text differs:\n  README: {shown}\n  now:    {made}"
+        return f"text differs:\n  doc: {shown}\n  now: {made}"
     for a, b in zip(NUMBER.findall(shown), NUMBER.findall(made), strict=True):
         digits = len(a.split("e")[0].partition(".")[2])
         if abs(float(a) - float(b)) > tolerance + 10.0 ** -digits:
-            return f"{a} in the README, {b} now (tolerance {tolerance})\n  README: {shown}\n  now:    {made}"
+            return f"{a} in the doc, {b} now (tolerance {tolerance})\n  doc: {shown}\n  now: {made}"
     return None
 
 
@@ -153,15 +231,20 @@ def served_modes(inference: str, management: str) -> dict[str, str]:
             for model in ("cifar10", "mnist") for v in client.versions(model)}
 
 
-def write(inference: str, management: str) -> None:
+def write(targets: dict[str, Target]) -> None:
+    """Rewrite every sample of the kinds in `targets` ("make serve" needs none), in the docs' order."""
     from models.numerics import cpu_model, isa
 
-    lines = README.read_text().splitlines()
-    for block in reversed(blocks(lines)):
-        lines[block.first:block.last] = render(block, outputs(block, inference, management))
-    README.write_text("\n".join(lines) + "\n")
+    for doc in DOCS:
+        lines = doc.read_text().splitlines()
+        found = blocks(doc, (*targets, "make serve"))
+        made = [outputs(block, targets.get(block.kind)) for block in found]
+        for block, output in reversed(list(zip(found, made, strict=True))):
+            lines[block.first:block.last] = render(block, output)
+        doc.write_text("\n".join(lines) + "\n")
+    default = targets[""]
     RECORD.write_text(json.dumps({"host": {"cpu": cpu_model(), "isa": isa()},
-                                  "modes": served_modes(inference, management)}, indent=1) + "\n")
+                                  "modes": served_modes(default.inference, default.management)}, indent=1) + "\n")
 
 
 def main() -> None:
@@ -170,12 +253,19 @@ def main() -> None:
     p.parse_args()
     import tempfile
 
+    from serving.certs import generate
     from tests.integration.conftest import running
 
-    with tempfile.TemporaryDirectory(prefix="readme-samples-") as tmp, \
-            running(Path(tmp), ROOT / "config.properties", ROOT / "model_store") as server:
-        write(server.url("inference"), server.url("management"))
-    print(f"rewrote the samples in {README.name} and {RECORD.relative_to(ROOT)}")
+    store = ROOT / "model_store"
+    with tempfile.TemporaryDirectory(prefix="readme-samples-") as tmp:
+        certificate, key = generate(Path(tmp) / "certs")
+        tls = {"certificate_file": str(certificate), "private_key_file": str(key)}
+        with running(Path(tmp) / "default", ROOT / "config.properties", store) as default, \
+                running(Path(tmp) / "versions", ROOT / "config.properties", store) as versions, \
+                running(Path(tmp) / "prod", ROOT / "config.prod.properties", store, tls) as prod:
+            write({"": Target.plain(default), "versions": Target.plain(versions), "prod": Target.prod(prod)})
+    print(f"rewrote the samples in {', '.join(str(d.relative_to(ROOT)) for d in DOCS)} and "
+          f"{RECORD.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

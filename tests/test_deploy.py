@@ -158,7 +158,7 @@ def test_the_image_runs_and_checks_what_the_suite_runs():
             assert (ROOT / part).exists() or part.startswith("build/"), part
 
 
-# Measured peaks (README, "Memory"; 2-core AMD EPYC with AVX512-BF16, 2026-12-01): a worker's high-water mark
+# Measured peaks (docs/serving.md, "Memory"; 2-core AMD EPYC with AVX512-BF16, 2026-12-01): a worker's high-water mark
 # under the worst batch the pixel budgets admit (695-719 MiB); java's bound, its heap and direct memory (as
 # much again unless capped) plus what it needs beyond both (code, metaspace, threads: 155 MiB measured); KServe's
 # server in the runtime pod under 16-way v1 load (211 MiB); 15% on top of their sum.

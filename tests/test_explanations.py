@@ -20,7 +20,8 @@ VERSIONS = {f"{v.model}-{v.version}": v for v in SHIPPED}
 # Completeness: IG's attributions sum to output(image) - output(baseline) for the target class, up to the error of
 # its quadrature along the path (`explain_steps` Gauss-Legendre points). For the ReLU/max-pool networks (64 steps) the
 # integrand has kinks and single images reach 16% (cifar10 1.0) while the median stays near 1%. The airbench network
-# (GELU, smooth) is explained in 12 steps, a fifth of the cost of 64 (README, Explanations): on 128 reference images
+# (GELU, smooth) is explained in 12 steps, a fifth of the cost of 64 (docs/explanations.md, Explanations): on
+# 128 reference images
 # its error reached 16.6% (median 2.6%), against 1.3% at 64 steps. The bounds below leave margin over those
 # measurements; a wrong explanation (gradient × input, the wrong target, channels not summed) misses them by far more.
 MAX_RELATIVE_ERROR = {"cifar10-1.0": 0.25, "cifar10-2.0": 0.25, "mnist-1.0": 0.25}

@@ -156,10 +156,10 @@ def test_bad_input_is_a_400_that_names_the_problem(harness, row, message):
 def test_a_batch_leaves_nothing_for_the_cyclic_gc(harness, version):
     """Every object a batch creates, refused requests' errors included, is freed by reference counting when the
     batch ends. A worker's heap is large and long-lived, so Python's full collections are rare: garbage only the
-    cyclic GC frees piled up in the workers for as long as bad requests came (README, "Memory"). The batch holds
-    each way of being refused (empty, undecodable, bad top-k, bad JSON, past the pixel budget) beside two good
-    requests, KServe's v1 and v2 bodies with bad base64, and an explanation of an undecodable image; its first
-    run is a warm-up (Pillow imports its format plugins once)."""
+    cyclic GC frees piled up in the workers for as long as bad requests came (docs/serving.md, "Memory"). The
+    batch holds each way of being refused (empty, undecodable, bad top-k, bad JSON, past the pixel budget) beside
+    two good requests, KServe's v1 and v2 bodies with bad base64, and an explanation of an undecodable image; its
+    first run is a warm-up (Pillow imports its format plugins once)."""
     h = harness(version)
     rows = [{"body": b""}, {"body": b"\x89PNG\r\n\x1a\nbroken"}, {"body": PNG}, {"body": {"data": "!!"}},
             {"body": PNG}, {"body": images.encode(images.noise(5000, 5000))}, {"body": {"instances": [{"b64": "@"}]}},
@@ -357,7 +357,7 @@ def test_shipped_weights_classify_real_images_through_the_handler(harness, valid
     else:
         # A worker serves a reduced-precision mode only when it agrees with fp32 on >= 99.5% of the archive's 400
         # reference images (models/numerics.py); on these 1,000 other images bf16 agreed on 99.8% (this host and
-        # the README's H100 table); 99% leaves room for sampling (5 disagreements more than measured).
+        # docs/kserve.md's H100 table); 99% leaves room for sampling (5 disagreements more than measured).
         assert (predictions == fp32.argmax(1)).float().mean().item() >= 0.99
     card = json.loads(version.weights.with_suffix(".json").read_text())
     plain = card["validation"].get("accuracy_without_tta", card["validation"]["accuracy"])

@@ -74,7 +74,7 @@ def test_only_the_plain_images_layout_listens_beyond_loopback(tmp_path):
 
 
 def test_a_version_of_your_own_is_copied_from_the_model_store_and_checked(tmp_path):
-    """A model config.prod.properties names that the catalog does not ship (README, "Serve your own classifier")
+    """A model config.prod.properties names that the catalog does not ship (docs/models.md, "Serve your own classifier")
     comes from model_store/, where `make archive MODEL=...` wrote it, and must still match its sha256."""
     store = tmp_path / "model_store"
     store.mkdir()

@@ -89,7 +89,7 @@ def test_the_page_shows_cat_on_top_and_draws_the_map(page, tmp_path):
                                                                   ".textContent")
         chromium.screenshot(tmp_path / "demo.png")
         assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        if os.environ.get("DEMO_SCREENSHOT"):  # how the README's picture is made
+        if os.environ.get("DEMO_SCREENSHOT"):  # how docs/explanations.md's picture is made
             Path(os.environ["DEMO_SCREENSHOT"]).write_bytes((tmp_path / "demo.png").read_bytes())
 
 

@@ -44,7 +44,7 @@ def cluster(request, tmp_path_factory, layout):
 
 
 def test_java_runs_with_the_layouts_memory_bounds(cluster, layout):
-    """The bound the pod's memory limit was computed with (README, "Memory") is the one the running JVM holds:
+    """The bound the pod's memory limit was computed with (docs/serving.md, "Memory") is the one the running JVM holds:
     the heap cap of the layout's vmargs (direct memory follows it) and ExitOnOutOfMemoryError, read from the
     process."""
     from serving.config import read_properties

@@ -188,7 +188,7 @@ def test_readiness_and_a_request_at_that_moment(pod):
     management API); the 0.9.0 wrapper says ready as soon as it finds a .mar file, before any worker is up
     (its TorchserveModel.load), so there a request at that moment waits in TorchServe's queue, or, when java has
     not bound its inference port yet (TorchServe registers every archive first), fails inside KServe's server
-    with a connection error (README, "Which runtime"; seen once in a fresh-clone CI run here). With the 0.12.0
+    with a connection error (docs/kserve.md, "Which runtime"; seen once in a fresh-clone CI run here). With the 0.12.0
     wrapper the request at that moment is answered correctly."""
     if pod.stack == "0.12.0":
         assert pod.not_ready_at_ready == []
@@ -395,7 +395,7 @@ def test_grpc_v2_through_kserves_server(pod, tmp_path):
         assert answer["model"] == model and answer["top1"] == label
         assert answer["outputs"] == ["labels", "probabilities"]
     # An undecodable image: the handler's error comes back from TorchServe's gRPC as a body without
-    # "outputs", which the wrapper's from_ts_grpc cannot convert: the client sees UNKNOWN (README says so).
+    # "outputs", which the wrapper's from_ts_grpc cannot convert: the client sees UNKNOWN (docs/kserve.md says so).
     garbage = grpc_infer(pod, "cifar10", b"not an image", tmp_path)
     assert garbage["code"] != "OK", garbage
     assert grpc_infer(pod, "cifar10", HORSE, tmp_path)["top1"] == "horse"  # and the pod serves on
@@ -404,7 +404,7 @@ def test_grpc_v2_through_kserves_server(pod, tmp_path):
 @pytest.mark.parametrize("pod", ["v1"], indirect=True)
 def test_java_runs_with_the_layouts_memory_bounds(pod):
     """Both images' launchers (TorchServe 0.9 and 0.12) start java with the layout's vmargs: the heap cap
-    the manifests' memory limits were computed with (README, "Memory")."""
+    the manifests' memory limits were computed with (docs/serving.md, "Memory")."""
     asked = jvm.asked(read_properties(pod.mnt / "models" / "config" / "config.properties")["vmargs"])
     assert asked["MaxHeapSize"] and asked["ExitOnOutOfMemoryError"]
     assert jvm.command_line(pod.torchserve.pid()) == asked
@@ -422,3 +422,34 @@ def test_when_java_dies_this_projects_pod_ends_and_the_stock_one_answers_500(pod
     else:
         status, _ = predict(pod, "cifar10", [CAT])
         assert status == 500 and pod.wrapper.poll() is None, pod.log_tail()
+
+
+CLUSTER_ONLY = ("kubectl ", "docker ", "gsutil ", "HOST=$(kubectl ")  # what needs a real cluster or registry
+
+
+@REST
+def test_the_docs_cluster_requests_through_kserves_server(pod):
+    """docs/kserve.md's requests to an InferenceService, run as written against KServe's own server in the pod:
+    only the ingress address (and the Host header an ingress routes by) point at the pod; the lines that need a
+    Kubernetes API server or a registry are the only ones left out. A v2 pod answers v2 clients only."""
+    from tests import readme_samples as samples
+
+    commands = [sample.command for block in samples.blocks(ROOT / "docs" / "kserve.md", ("cluster",))
+                for sample in block.samples]
+    requests_ = [c for c in commands if not c.startswith(CLUSTER_ONLY)]
+    assert {c.split()[0] for c in requests_} == {"curl", ".venv/bin/python"}, requests_
+    ingress = [("-H \"Host: $HOST\" ", ""), ("http://$INGRESS_HOST:$INGRESS_PORT", pod.http)]  # routes by Host
+    target = samples.Target(pod.http, "", [*ingress, (".venv/bin/python", sys.executable)])
+    ran = 0
+    for command in requests_:
+        if pod.protocol == "v2" and "/v1/" in command:
+            continue
+        answer = target.run(command)
+        if command.startswith("curl"):
+            body = json.loads(answer)
+            top = next(iter(body["predictions"][0])) if "predictions" in body else body["outputs"][0]["data"][0]
+            assert top == ("cat" if "cifar10" in command else "7"), answer
+        else:
+            assert answer.startswith("examples/cat.png: cat "), answer
+        ran += 1
+    assert ran == (3 if pod.protocol == "v1" else 2)

@@ -1,4 +1,4 @@
-"""README, "Serve your own classifier", performed as a user would on a copy of the repository: a third data set
+"""docs/models.md, "Serve your own classifier", performed as a user would on a copy of the repository: a third data set
 (3×64×64, 20 classes, synthetic) is one spec added to models/specs.py and a network is one new file in models/;
 nothing else is edited. Then one epoch of `python -m training.train`, `make archive MODEL=shapes ...`, the archive
 registered on a running TorchServe, and answers in every input form, over REST (plain, KServe v1 and v2 bodies)
@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from serving.catalog import ROOT
+from tests import readme_samples as samples
 from tests.answers import same, tolerance, unexplained_top1_differences
 from tests.images import b64
 
@@ -80,12 +81,6 @@ def png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def run(project: Path, *command: str) -> str:
-    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the repository's tracked files (timestamps kept, so make sees an installed .venv), with the
@@ -110,29 +105,43 @@ def project(tmp_path_factory) -> Path:
     return project
 
 
+def documented() -> list[str]:
+    """docs/models.md's commands for your own classifier, as the reader runs them: train, build, register, ask."""
+    [block] = samples.blocks(ROOT / "docs" / "models.md", ("own model",))
+    found = [sample.command for sample in block.samples]
+    assert [c.split()[0] for c in found] == [".venv/bin/python", "make", ".venv/bin/python", "curl"], found
+    return found
+
+
 @pytest.fixture(scope="module")
 def built(project) -> Path:
-    python = str(ROOT / ".venv" / "bin" / "python")
-    trained = run(project, python, "-m", "training.train", "--arch", "tinyshapes", "--data-path",
-                  str(project / "shapes_train.npz"), "--val-size", str(VAL_SIZE), "--threads", "1",
-                  "--out", "models/weights/shapes_tinyshapes.pt")
+    """The docs' training and `make archive` commands, run as written in the copy."""
+    train, make_archive, _, _ = documented()
+    trained = samples.Target("", "", []).run(train, cwd=project)
     assert "shapes_reference.npz" in trained and "shapes_calibration.npz" in trained
-    out = run(project, "make", "archive", "MODEL=shapes", "VERSION=1.0", "WEIGHTS=models/weights/shapes_tinyshapes.pt")
+    assert f"--val-size {VAL_SIZE}" in train
+    out = samples.Target("", "", []).run(make_archive, cwd=project)
     assert "shapes.mar: shapes 1.0 (tinyshapes)" in out, out
     assert "pip install" not in out  # make found the installed .venv and did not reinstall it
     return project / "model_store" / "shapes.mar"
 
 
 @pytest.fixture(scope="module")
-def registered(served, built):
+def registered(served, built, project):
+    """The docs' `client register` and curl commands, run as written against the suite's server (its model store
+    holds the archive, as `make serve`'s would after `make archive`)."""
     from client.api import TorchServeClient
 
     for path in (built, built.with_name(built.name + ".sha256")):
         shutil.copy(path, served.model_store / path.name)
+    _, _, register, ask = documented()
+    target = samples.Target.plain(served)
     client = TorchServeClient(management_url=served.url("management"), inference_url=served.url("inference"),
                               timeout=240)
-    client.register("shapes.mar", workers=1)
     try:
+        target.run(register, cwd=project)
+        answer = json.loads(target.run(ask, cwd=project))
+        assert len(answer) == 5 and all(label.startswith("shape") for label in answer), answer
         yield client
     finally:
         client.unregister("shapes", "1.0", force=True)
@@ -233,7 +242,7 @@ def test_a_new_data_set_and_network_serve_in_every_form_and_protocol(project, se
 
 
 def test_the_archive_build_refuses_plainly_what_it_cannot_build(project, built):
-    """The placeholder the README shows, a network for another data set: one line each, no traceback."""
+    """The placeholder docs/serving.md shows, a network for another data set: one line each, no traceback."""
     for args, message in ((["WEIGHTS=path/to/weights.pt"], "weights not found: path/to/weights.pt"),
                           (["WEIGHTS=models/weights/cifar10_lenet.pt", "ARCH=lenet"],
                            "--arch lenet is a cifar10 network, not a shapes one")):

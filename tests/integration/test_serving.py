@@ -62,15 +62,15 @@ def test_topk_per_request(predict_url):
     assert len(requests.post(url, files={"data": CAT, "topk": (None, "3")}, timeout=30).json()) == 3
     bad = requests.put(url, data=CAT, headers={"X-TopK": "0"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["type"] == "InvalidTopK"
-    # TorchServe's frontend passes no query parameter to a worker (README, Top-k): the YAML's k answers.
+    # TorchServe's frontend passes no query parameter to a worker (docs/serving.md, Top-k): the YAML's k answers.
     assert len(requests.put(f"{url}?topk=2", data=CAT, timeout=30).json()) == 5
     assert len(requests.post(f"{url}?topk=2", json={"data": b64(CAT)}, timeout=30).json()) == 5
 
 
 def test_a_body_sent_as_a_form_that_is_not_one_is_the_frontends_500(predict_url):
-    """README, Errors: a body sent as a form that is not one is refused by the frontend itself with a 500, before
-    any handler runs (curl -d / --data-binary without a Content-Type); the same bytes with their type, or sent
-    with curl -T, are answered."""
+    """docs/serving.md, Errors: a body sent as a form that is not one is refused by the frontend itself with a
+    500, before any handler runs (curl -d / --data-binary without a Content-Type); the same bytes with their
+    type, or sent with curl -T, are answered."""
     url = predict_url()
     form = requests.post(url, data=CAT, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
     assert form.status_code == 500 and form.json()["type"] == "ErrorDataDecoderException"
@@ -150,7 +150,7 @@ def test_the_logs_hold_no_lines_per_request_while_metrics_still_count(served, pr
     """TorchServe logs five or six INFO lines per batch (frontend: "Sending response for jobId", "Looping backend
     response", "Backend response time", the worker's two [METRICS] lines echoed as "result="; worker: "Backend
     received inference at"), which on two cores cost ~2 ms of the frontend's CPU per request at one connection
-    (README, Speed). serving/log4j2.xml drops exactly those; the worker's metrics are still parsed into
+    (docs/speed.md, Speed). serving/log4j2.xml drops exactly those; the worker's metrics are still parsed into
     Prometheus. Twenty sequential requests leave fewer than 20 lines (before: over 100)."""
     before = log_lines(served)
     for _ in range(20):
@@ -381,7 +381,7 @@ def test_production_keys_are_removed_on_stop(tmp_path, model_store):
 
 
 def test_cli_over_tls_with_keys(served_prod):
-    """The README's prod client line: https URLs, the key file and the certificate to trust."""
+    """docs/serving.md's prod client line: https URLs, the key file and the certificate to trust."""
     import subprocess
     import sys
 
