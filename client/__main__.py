@@ -104,7 +104,6 @@ def numerics_line(client: TorchServeClient, model: str, described: dict) -> str:
     return f", numerics {numerics_choice(handler['numerics'])}" if handler.get("numerics") else ""
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

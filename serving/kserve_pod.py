@@ -213,7 +213,7 @@ class Pod:
             except subprocess.TimeoutExpired:
                 os.killpg(self.wrapper.pid, signal.SIGKILL)
                 self.wrapper.wait(10)
-        self.torchserve.stop(quiet=True)
+        self.torchserve.stop()
         self.torchserve.kill_orphans()  # a java whose pid file went missing still names our TMPDIR
         self.wrapper = None
         deadline = time.monotonic() + timeout

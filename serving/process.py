@@ -352,7 +352,7 @@ class TorchServe:
         """Raise for a log line that means this start cannot succeed."""
         if launched and any(mark in line for mark in BIND_FAILURES):
             tail = self.logs.tail(10)
-            self.stop(quiet=True)
+            self.stop()
             raise PortTaken(f"a port was taken before TorchServe could bind it:\n{line}\n{tail}")
         worker = worker_of(line)
         if worker and any(mark in line for mark in WORKER_FAILURES):
@@ -385,7 +385,7 @@ class TorchServe:
     def _fail(self, reason: str, launched: bool) -> None:
         tail = self.logs.tail(10)
         if launched:  # never stop a server this call did not start
-            self.stop(quiet=True)
+            self.stop()
         raise StartupError(f"{reason}\n{tail}")
 
     def describe(self, model: str) -> list[dict]:
@@ -449,7 +449,7 @@ class TorchServe:
                              if not pid_alive(int(w["pid"]))]
         return problems
 
-    def stop(self, timeout: float = 60.0, quiet: bool = False) -> bool:
+    def stop(self, timeout: float = 60.0) -> bool:
         """SIGTERM java and wait for it (SIGKILL after `timeout`), then end any worker of this server that
         outlived it (also when java had already died: its workers keep running); False when nothing of ours
         was running."""

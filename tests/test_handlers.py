@@ -513,3 +513,16 @@ def test_the_worker_uses_its_assigned_gpu_only_when_cuda_is_there(model_dirs):
     assert h.handler.device == (torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
     status, body = h.one({"body": images.encode(images.digit())})
     assert status == 200 and len(body) == 3
+
+
+def test_a_torchserve_the_handler_was_not_checked_against_is_named_in_the_log(caplog):
+    """The envelope switch (at import: TorchServe's loader wraps `handle` before `initialize`) and the early
+    answers rely on TorchServe's loader and message code as read in 0.9.0 and 0.12.0: another version is said."""
+    from handlers import explaining, oip
+
+    with caplog.at_level("WARNING"):
+        oip.check_loader("0.12.0")
+        assert explaining.answers_first("0.9.0") and caplog.records == []
+        oip.check_loader("0.13.0")
+        assert not explaining.answers_first("0.13.0")
+    assert [r.getMessage().split(" is not one")[0] for r in caplog.records] == ["TorchServe 0.13.0"] * 2
