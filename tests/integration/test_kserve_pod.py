@@ -266,6 +266,38 @@ def test_kserves_own_v2_sample_in_the_form_kserves_server_accepts(pod):
     assert answer.json()["model_name"] == "mnist" and top1_v2(answer.json()) == ["0"]
 
 
+CLUSTER_ONLY = ("kubectl ", "docker ", "gsutil ", "HOST=$(kubectl ")  # what needs a real cluster or registry
+
+
+@REST
+def test_the_docs_cluster_requests_through_kserves_server(pod):
+    """docs/kserve.md's requests to an InferenceService, run as written against KServe's own server in the pod:
+    only the ingress address (and the Host header an ingress routes by) point at the pod; the lines that need a
+    Kubernetes API server or a registry are the only ones left out. A v2 pod answers v2 clients only."""
+    from tests import readme_samples as samples
+
+    commands = [sample.command for block in samples.blocks(ROOT / "docs" / "kserve.md", ("cluster",))
+                for sample in block.samples]
+    requests_ = [c for c in commands if not c.startswith(CLUSTER_ONLY)]
+    assert {c.split()[0] for c in requests_} == {"curl", ".venv/bin/python"}, requests_
+    ingress = [("-H \"Host: $HOST\" ", ""), ("http://$INGRESS_HOST:$INGRESS_PORT", pod.http)]  # routes by Host
+    target = samples.Target(pod.http, "", [*ingress, (".venv/bin/python", sys.executable)])
+    ran = 0
+    for command in requests_:
+        if pod.protocol == "v2" and "/v1/" in command:
+            continue
+        answer = target.run(command)
+        if command.startswith("curl"):
+            body = json.loads(answer)
+            assert "predictions" in body or "outputs" in body, answer
+            top = next(iter(body["predictions"][0])) if "predictions" in body else body["outputs"][0]["data"][0]
+            assert top == ("cat" if "cifar10" in command else "7"), answer
+        else:
+            assert answer.startswith("examples/cat.png: cat "), answer
+        ran += 1
+    assert ran == (3 if pod.protocol == "v1" else 2)
+
+
 @REST
 def test_explain_through_kserves_server(pod):
     answer = requests.post(f"{pod.http}/v1/models/cifar10:explain", json={"instances": [{"b64": b64(CAT)}]},
@@ -423,33 +455,3 @@ def test_when_java_dies_this_projects_pod_ends_and_the_stock_one_answers_500(pod
         status, _ = predict(pod, "cifar10", [CAT])
         assert status == 500 and pod.wrapper.poll() is None, pod.log_tail()
 
-
-CLUSTER_ONLY = ("kubectl ", "docker ", "gsutil ", "HOST=$(kubectl ")  # what needs a real cluster or registry
-
-
-@REST
-def test_the_docs_cluster_requests_through_kserves_server(pod):
-    """docs/kserve.md's requests to an InferenceService, run as written against KServe's own server in the pod:
-    only the ingress address (and the Host header an ingress routes by) point at the pod; the lines that need a
-    Kubernetes API server or a registry are the only ones left out. A v2 pod answers v2 clients only."""
-    from tests import readme_samples as samples
-
-    commands = [sample.command for block in samples.blocks(ROOT / "docs" / "kserve.md", ("cluster",))
-                for sample in block.samples]
-    requests_ = [c for c in commands if not c.startswith(CLUSTER_ONLY)]
-    assert {c.split()[0] for c in requests_} == {"curl", ".venv/bin/python"}, requests_
-    ingress = [("-H \"Host: $HOST\" ", ""), ("http://$INGRESS_HOST:$INGRESS_PORT", pod.http)]  # routes by Host
-    target = samples.Target(pod.http, "", [*ingress, (".venv/bin/python", sys.executable)])
-    ran = 0
-    for command in requests_:
-        if pod.protocol == "v2" and "/v1/" in command:
-            continue
-        answer = target.run(command)
-        if command.startswith("curl"):
-            body = json.loads(answer)
-            top = next(iter(body["predictions"][0])) if "predictions" in body else body["outputs"][0]["data"][0]
-            assert top == ("cat" if "cifar10" in command else "7"), answer
-        else:
-            assert answer.startswith("examples/cat.png: cat "), answer
-        ran += 1
-    assert ran == (3 if pod.protocol == "v1" else 2)
