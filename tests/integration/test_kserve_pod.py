@@ -44,12 +44,14 @@ def s3(tmp_path_factory):
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
                                str(port)], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
         try:
-            requests.get(endpoint, timeout=1)
+            # moto builds its S3 backend on the first request: on a loaded 2-core host that answer took over 1 s
+            # (a ReadTimeout, seen once in two runs), so a slow answer is waited for like a refused connection.
+            requests.get(endpoint, timeout=(1, 30))
             break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.1)
     layout = kserve.build(tmp_path_factory.mktemp("layout") / "kserve")
